@@ -1,0 +1,33 @@
+# Two entry points for a fresh clone:
+#   make demo   create .venv, install, train F-GRPO on the embedded recommendation task
+#   make test   create .venv, install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/recsys_default
+CONFIG ?= configs/recsys.py
+
+.PHONY: install demo test bench clean
+
+$(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/python -m fgrpo_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/rewards.py
+	$(BIN)/python benchmarks/rollout.py
+	$(BIN)/python benchmarks/rl_step.py
+
+clean:
+	rm -rf $(VENV) runs
