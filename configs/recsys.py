@@ -1,0 +1,111 @@
+"""F-GRPO on the embedded synthetic sequential-recommendation task.
+
+    python -m fgrpo_jax.main --config=configs/recsys.py --workdir=runs/recsys
+    python -m fgrpo_jax.main --config=configs/recsys.py:tiny --workdir=/tmp/t
+    python -m fgrpo_jax.main --config=configs/recsys.py --config.algorithm=grpo ...
+
+Variants (the part after the colon): `default` (finishes on a 2-core CPU in under
+10 minutes) and `tiny` (seconds; used by the tests).
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  variant = arg or "default"
+  c = ml_collections.ConfigDict()
+  c.variant = variant  # which named variant built this config (informational)
+  c.algorithm = "fgrpo"  # fgrpo | grpo | decoupled | sft
+  c.mode = "train"  # train: SFT warm start, RL, test eval | eval: evaluate the latest params
+  c.seed = 0  # seeds the data generator, the initialisation and the sampler
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic_recsys"  # dataset; synthetic_recsys needs no files
+  c.data.path = ""  # local directory of a real dataset (unused by synthetic_recsys)
+  c.data.cache_dir = ""  # where prepared data is cached ("" = under the workdir)
+  c.data.num_items = 200  # synthetic: catalogue size
+  c.data.num_clusters = 10  # synthetic: item clusters
+  c.data.num_user_types = 8  # synthetic: latent user types
+  c.data.num_users = 4000  # synthetic: users (one test and one validation example each)
+  c.data.seq_len = 20  # synthetic: interactions per user
+  c.data.history_len = 10  # items of history shown in the prompt (last H)
+  c.data.pool_size = 20  # C: candidates per example (the target + C-1 negatives)
+  c.data.negatives = "uniform"  # how negatives are sampled: uniform | popularity
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 2  # decoder layers
+  c.model.hidden = 128  # residual width
+  c.model.num_heads = 4  # query heads
+  c.model.num_kv_heads = 2  # key/value heads (grouped-query attention)
+  c.model.head_dim = 32  # per-head width
+  c.model.mlp_hidden = 384  # SwiGLU inner width
+  c.model.tie_embeddings = False  # share the input embedding with the output head
+  c.model.rope_theta = 10000.0  # rotary base
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (weights stay float32)
+  c.model.remat = "none"  # rematerialise layers in backward: none | full
+  c.model.hf_checkpoint = ""  # local Hugging Face checkpoint directory (overrides sizes)
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.slate_size = 10  # k: candidates written in the slate
+  c.rollout.rank_size = 5  # m: slate members ranked
+  c.rollout.group_size = 8  # G: rollouts per prompt
+  c.rollout.temperature = 1.0  # sampling temperature of training rollouts
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.coverage = "recall"  # R_gen: recall | f1
+  c.reward.rank_metric = "ndcg"  # R_rank: ndcg | hit | mrr (over the m ranked)
+  c.reward.gain = "exp"  # NDCG gain for graded relevance: exp (2^rel-1) | linear
+  c.reward.lam = 1.0  # lambda: weight of the rank phase (F-GRPO) / of R_rank (GRPO)
+  c.reward.advantage = "mean"  # group advantage: mean (Dr. GRPO) | std | rloo
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 600  # teacher-forcing steps on gold sequences before RL
+  c.sft.batch_size = 64  # sequences per SFT step
+  c.sft.lr = 3e-3  # peak learning rate of the SFT stage
+  c.sft.init_from = ""  # workdir of an earlier run whose SFT params to reuse (skips SFT)
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.steps = 200  # RL steps (each: rollout, rewards, update)
+  c.rl.batch_prompts = 16  # B: prompts per RL step (B*G rollouts)
+  c.rl.lr = 5e-4  # peak learning rate of the RL stage
+  c.rl.inner_steps = 2  # gradient steps on each batch of rollouts (ratio != 1 after the first)
+  c.rl.eps_low = 0.2  # lower clip range of the ratio
+  c.rl.eps_high = 0.28  # upper clip range of the ratio (clip-higher)
+  c.rl.ratio = "token"  # importance ratio: token | phase (exp of mean log-ratio per phase)
+  c.rl.kl_coef = 0.0  # beta of the KL penalty to the frozen SFT policy (0 = off)
+  c.rl.kl_estimator = "k3"  # k1 | k3
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.warmup_steps = 20  # linear warmup steps (each stage)
+  c.optim.weight_decay = 0.01  # AdamW decoupled weight decay
+  c.optim.b1 = 0.9  # Adam beta1
+  c.optim.b2 = 0.99  # Adam beta2
+  c.optim.grad_clip = 1.0  # global gradient-norm clip
+  c.optim.final_lr_frac = 0.1  # cosine decay ends at this fraction of the peak
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 50  # validation every N steps of each stage (0 = only at the end)
+  c.eval.val_examples = 500  # validation examples per evaluation (0 = all)
+  c.eval.test_examples = 0  # test examples in the final evaluation (0 = all)
+  c.eval.batch_size = 256  # prompts per evaluation batch
+  c.eval.show_examples = 0  # print N decoded test rollouts at the end
+
+  c.log_every = 10  # metrics every N steps
+  c.ckpt_every = 100  # Orbax checkpoint every N steps
+  c.ckpt_keep = 2  # checkpoints kept per stage
+
+  if variant == "tiny":
+    c.data.update(num_items=60, num_clusters=6, num_user_types=4, num_users=600,
+                  seq_len=12, history_len=6)
+    c.model.update(num_layers=1, hidden=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                   mlp_hidden=64)
+    c.rollout.update(slate_size=4, rank_size=2, group_size=4)
+    c.data.pool_size = 8
+    c.sft.update(steps=60, batch_size=32)
+    c.rl.update(steps=10, batch_prompts=8)
+    c.eval.update(every=0, val_examples=64, test_examples=256, batch_size=128)
+    c.log_every = 5
+    c.ckpt_every = 5
+  elif variant != "default":
+    raise ValueError(f"unknown variant {variant!r} of configs/recsys.py (default, tiny)")
+  return c

@@ -1,0 +1,102 @@
+"""Greedy evaluation, ranking metrics, the slate-miss / rank-drop split, references.
+
+Every policy, learned or not, is judged on the same two arrays per example: a
+slate [k] and a ranking [m] of pool slots. Score-based references (oracle,
+popularity, random, a pointwise scorer) turn per-slot scores into a slate (top-k)
+and a ranking (top-m), so their numbers sit in the same table as the model's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgrpo_jax import rewards as R
+from fgrpo_jax import rollout as rollout_lib
+
+CUTOFFS = (1, 3, 5)
+
+
+@functools.partial(jax.jit, static_argnames=("gain",))
+def ranking_metrics(slate, ranking, relevance, pool_mask=None, gain: str = "exp"):
+  """Per-example metrics. slate [N, k], ranking [N, m], relevance [N, C] -> dict of [N].
+
+  hit@c, ndcg@c, recall@c for c in (1, 3, 5) (c beyond m counts the m ranked);
+  slate_recall: coverage of the slate; slate_miss: top-1 wrong and no relevant
+  candidate entered the slate; rank_drop: top-1 wrong although a relevant one was
+  in the slate (so hit@1 + slate_miss + rank_drop = 1 where anything is relevant);
+  format_valid: the rollout is a well-formed slate and ranking.
+  """
+  out = {}
+  for c in CUTOFFS:
+    out[f"hit@{c}"] = R.hit_at_k(ranking, relevance, c)
+    out[f"ndcg@{c}"] = R.ndcg(ranking, relevance, k=c, gain=gain)
+    out[f"recall@{c}"] = R.recall_at_k(ranking, relevance, c)
+  out["slate_recall"] = R.coverage(slate, relevance)
+  any_rel_in_slate = R.hit_at_k(slate, relevance, slate.shape[-1]) > 0
+  wrong_top = out["hit@1"] == 0
+  has_rel = jnp.any(relevance > 0, axis=-1)
+  out["slate_miss"] = (wrong_top & ~any_rel_in_slate & has_rel).astype(jnp.float32)
+  out["rank_drop"] = (wrong_top & any_rel_in_slate).astype(jnp.float32)
+  out["format_valid"] = R.format_validity(slate, ranking, relevance.shape[-1], pool_mask)
+  return out
+
+
+def mean_metrics(per_example: dict) -> dict[str, float]:
+  return {k: float(np.mean(v)) for k, v in per_example.items()}
+
+
+def policy_from_scores(scores, pool_mask, slate_size: int, rank_size: int):
+  """A score-based policy: slate = top-k slots by score, ranking = its top-m.
+
+  scores f32 [N, C] (higher is better), pool_mask bool [N, C] -> (slate [N, k], ranking [N, m]).
+  """
+  scores = np.where(pool_mask, scores, -np.inf)
+  order = np.argsort(-scores, axis=-1, kind="stable")[:, :slate_size].astype(np.int32)
+  return order, order[:, :rank_size]
+
+
+def _tie_break(scores, rng):
+  """Breaks ties among equal scores at random, so a constant scorer is not lucky."""
+  return scores + 1e-9 * rng.random(scores.shape)
+
+
+def evaluate_scores(scores, batch_np, slate_size, rank_size, seed=0, gain="exp"):
+  """Metrics of a score-based reference on numpy arrays (pool_mask, relevance)."""
+  rng = np.random.default_rng(seed)
+  scores = _tie_break(np.asarray(scores, np.float64), rng)
+  slate, ranking = policy_from_scores(scores, batch_np["pool_mask"], slate_size, rank_size)
+  return mean_metrics(ranking_metrics(slate, ranking, batch_np["relevance"],
+                                      batch_np["pool_mask"], gain=gain))
+
+
+def greedy_outputs(params, arrays, *, cfg, layout, batch_size: int):
+  """Greedy constrained rollouts over numpy arrays in fixed-size batches.
+
+  The last batch is padded by repeating rows, so every call has the same shape
+  (one compilation). Returns (slate [N, k], ranking [N, m], tokens [N, T]) numpy.
+  """
+  n = arrays["prompt"].shape[0]
+  keys = ("prompt", "prompt_mask", "cand_tokens", "pool_mask")
+  slates, rankings, tokens = [], [], []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size) % n
+    batch = {k: jnp.asarray(arrays[k][idx]) for k in keys}
+    ro = rollout_lib.sample(params, batch, jax.random.key(0), cfg=cfg, layout=layout,
+                            group_size=1, greedy=True)
+    keep = min(batch_size, n - start)
+    slates.append(np.asarray(ro.slate[:keep, 0]))
+    rankings.append(np.asarray(ro.ranking[:keep, 0]))
+    tokens.append(np.asarray(ro.tokens[:keep, 0]))
+  return np.concatenate(slates), np.concatenate(rankings), np.concatenate(tokens)
+
+
+def evaluate_model(params, arrays, *, cfg, layout, batch_size: int, gain: str = "exp"):
+  """Mean metrics of the model's greedy rollouts on a split's arrays."""
+  slate, ranking, _ = greedy_outputs(params, arrays, cfg=cfg, layout=layout,
+                                     batch_size=batch_size)
+  return mean_metrics(ranking_metrics(slate, ranking, arrays["relevance"],
+                                      arrays["pool_mask"], gain=gain))

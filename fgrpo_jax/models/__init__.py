@@ -1,0 +1,5 @@
+"""Decoder models: the pure-functional Llama-family decoder and checkpoint I/O."""
+
+from fgrpo_jax.models.llama import (  # noqa: F401
+    DecodeCache, ModelConfig, PrefixCache, completion_logits, count_params,
+    decode_step, forward, init_decode_cache, init_params, param_shapes, prefill)

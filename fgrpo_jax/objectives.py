@@ -1,0 +1,136 @@
+"""Losses: F-GRPO, GRPO, the decoupled selector/ranker pair, and SFT.
+
+All functions are pure and take per-token arrays shaped [B, G, T] (B prompts, G
+rollouts each, T generated positions). Losses are *minimised*; the RL objectives
+return the negated surrogate.
+
+F-GRPO (per phase p in {gen, rank}, with its own group-relative advantage A_p):
+
+    L_p = mean over phase-p tokens of  min(rho_t A_p, clip(rho_t, 1-eps_low, 1+eps_high) A_p)
+    J   = L_gen + lambda * L_rank,     loss = -J + beta * KL
+
+GRPO uses one advantage of the joint reward on every choice token and one mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fgrpo_jax import rewards as R
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+  """Static settings of the clipped surrogate (see configs/recsys.py `rl`)."""
+
+  eps_low: float = 0.2
+  eps_high: float = 0.28
+  ratio: str = "token"  # "token" | "phase": one ratio per sequence and phase group
+  kl_coef: float = 0.0
+  kl_estimator: str = "k3"  # "k1" | "k3"
+
+  def __post_init__(self):
+    if self.ratio not in ("token", "phase"):
+      raise ValueError(f"rl.ratio must be 'token' or 'phase', got {self.ratio!r}")
+    if self.kl_estimator not in ("k1", "k3"):
+      raise ValueError(f"rl.kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3"):
+  """Per-token estimate of KL(pi || pi_ref) from samples of pi.
+
+  k1 = log pi - log pi_ref (unbiased, can be negative);
+  k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (unbiased, >= 0).
+  """
+  log_ratio = ref_logprobs - logprobs
+  if estimator == "k1":
+    return -log_ratio
+  return jnp.exp(log_ratio) - log_ratio - 1.0
+
+
+def _masked_mean(x, mask):
+  mask = mask.astype(x.dtype)
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def clipped_surrogate(logprobs, old_logprobs, token_adv, phase_ids,
+                      phase_groups: Sequence[tuple[tuple[int, ...], float]],
+                      cfg: PolicyLossConfig, ref_logprobs=None):
+  """Generic clipped policy loss over groups of phases.
+
+  logprobs/old_logprobs/token_adv: f32 [B, G, T]; phase_ids int32 [B, G, T].
+  phase_groups: ((phase ids, weight), ...): each group is averaged over its own
+    tokens and weighted, e.g. F-GRPO ((GEN,), 1), ((RANK,), lambda); GRPO
+    ((GEN, RANK), 1).
+  Returns (loss scalar, metrics dict).
+  """
+  old_logprobs = jax.lax.stop_gradient(old_logprobs)
+  token_adv = jax.lax.stop_gradient(token_adv)
+  log_ratio = logprobs - old_logprobs
+  objective = 0.0
+  metrics = {}
+  all_mask = jnp.zeros(phase_ids.shape, bool)
+  clipped_any = jnp.zeros(phase_ids.shape, bool)
+  for phases, weight in phase_groups:
+    mask = jnp.isin(phase_ids, jnp.asarray(phases))
+    all_mask |= mask
+    if cfg.ratio == "phase":
+      # One ratio per sequence and phase group: exp(mean log-ratio over its tokens).
+      seq_lr = (jnp.sum(log_ratio * mask, axis=-1, keepdims=True)
+                / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1))
+      ratio = jnp.exp(jnp.broadcast_to(seq_lr, log_ratio.shape))
+    else:
+      ratio = jnp.exp(log_ratio)
+    unclipped = ratio * token_adv
+    clipped = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * token_adv
+    surrogate = jnp.minimum(unclipped, clipped)
+    clipped_any |= mask & (clipped < unclipped)
+    objective = objective + weight * _masked_mean(surrogate, mask)
+  loss = -objective
+  metrics["clip_frac"] = _masked_mean(clipped_any, all_mask)
+  metrics["approx_kl_old"] = _masked_mean(-log_ratio, all_mask)
+  if ref_logprobs is not None:
+    kl = _masked_mean(kl_penalty(logprobs, jax.lax.stop_gradient(ref_logprobs),
+                                 cfg.kl_estimator), all_mask)
+    metrics["kl_ref"] = kl
+    if cfg.kl_coef:
+      loss = loss + cfg.kl_coef * kl
+  return loss, metrics
+
+
+def fgrpo_advantages(r_gen, r_rank, phase_ids, mode: str = "mean"):
+  """Separate group-relative advantages per phase, placed on their tokens.
+
+  r_gen, r_rank: f32 [B, G]; phase_ids [B, G, T] -> (token_adv [B, G, T], dict).
+  """
+  a_gen = R.group_advantages(r_gen, mode=mode)
+  a_rank = R.group_advantages(r_rank, mode=mode)
+  token_adv = R.token_advantages(phase_ids, {R.PHASE_GEN: a_gen, R.PHASE_RANK: a_rank})
+  return token_adv, {"adv_gen": a_gen, "adv_rank": a_rank}
+
+
+def grpo_advantages(r_gen, r_rank, phase_ids, lam: float = 1.0, mode: str = "mean"):
+  """One advantage of the joint reward R_gen + lambda R_rank on every choice token."""
+  a = R.group_advantages(r_gen + lam * r_rank, mode=mode)
+  token_adv = R.token_advantages(phase_ids, {R.PHASE_GEN: a, R.PHASE_RANK: a})
+  return token_adv, {"adv_joint": a}
+
+
+def fgrpo_groups(lam: float):
+  return (((R.PHASE_GEN,), 1.0), ((R.PHASE_RANK,), lam))
+
+
+GRPO_GROUPS = (((R.PHASE_GEN, R.PHASE_RANK), 1.0),)
+
+
+def sft_loss(logprobs, phase_ids, phases=(R.PHASE_GEN, R.PHASE_RANK)):
+  """Teacher-forcing negative log-likelihood over the chosen phases' tokens.
+
+  logprobs f32 [B, G, T] of the gold choices; forced tags carry no loss.
+  """
+  mask = jnp.isin(phase_ids, jnp.asarray(phases))
+  return -_masked_mean(logprobs, mask)

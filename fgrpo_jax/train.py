@@ -1,0 +1,464 @@
+"""Training: SFT warm start, then RL (F-GRPO or GRPO), then the test evaluation.
+
+The step functions are pure and jitted: one RL step samples the rollouts, scores
+them, builds per-phase advantages and updates the parameters without leaving the
+device. `run` is the imperative shell: data order, logging, checkpoints, resume,
+evaluation and eval.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fgrpo_jax import checkpoint as ckpt_lib
+from fgrpo_jax import evaluate as eval_lib
+from fgrpo_jax import objectives
+from fgrpo_jax import rewards as R
+from fgrpo_jax import rollout as rollout_lib
+from fgrpo_jax.data import tasks as tasks_lib
+from fgrpo_jax.models import llama
+from fgrpo_jax.errors import UserError
+
+ALGORITHMS = ("fgrpo", "grpo", "sft")
+MODEL_KEYS = ("ids", "prompt", "prompt_mask", "cand_tokens", "pool_mask", "relevance")
+
+
+class ConfigError(UserError):
+  """A user mistake in the config: printed as one line by main."""
+
+
+class TrainState(NamedTuple):
+  params: Any
+  opt_state: Any
+  step: jax.Array  # int32 scalar: steps done in this stage
+
+
+# ----------------------------------------------------------------------------
+# Config -> static objects.
+
+
+def validate_config(config, pool_size: int | None = None):
+  """Stops on impossible settings with one line naming the field."""
+  r = config.rollout
+  if config.algorithm not in ALGORITHMS:
+    raise ConfigError(f"config.algorithm={config.algorithm!r} is unknown "
+                      f"(choose one of {', '.join(ALGORITHMS)})")
+  if config.mode not in ("train", "eval"):
+    raise ConfigError(f"config.mode={config.mode!r} is unknown (train or eval)")
+  if r.group_size < 2 and config.algorithm != "sft":
+    raise ConfigError(f"config.rollout.group_size={r.group_size}: group-relative advantages "
+                      "need at least 2 rollouts per prompt")
+  if r.slate_size < 1:
+    raise ConfigError(f"config.rollout.slate_size={r.slate_size} must be at least 1")
+  if r.rank_size < 1 or r.rank_size > r.slate_size:
+    raise ConfigError(f"config.rollout.rank_size={r.rank_size} must be between 1 and "
+                      f"config.rollout.slate_size={r.slate_size}")
+  C = pool_size or config.data.get("pool_size", None)
+  if C is not None and r.slate_size > C:
+    raise ConfigError(f"config.rollout.slate_size={r.slate_size} exceeds the pool size "
+                      f"C={C} (config.data.pool_size)")
+  choices = {"reward.coverage": ("recall", "f1"), "reward.rank_metric": ("ndcg", "hit", "mrr"),
+             "reward.gain": ("exp", "linear"), "reward.advantage": ("mean", "std", "rloo"),
+             "rl.ratio": ("token", "phase"), "rl.kl_estimator": ("k1", "k3"),
+             "model.dtype": ("float32", "bfloat16"), "model.remat": ("none", "full")}
+  for field, allowed in choices.items():
+    section, name = field.split(".")
+    value = config[section][name]
+    if value not in allowed:
+      raise ConfigError(f"config.{field}={value!r} is unknown (choose one of "
+                        f"{', '.join(allowed)})")
+  for field in ("sft.steps", "rl.steps"):
+    section, name = field.split(".")
+    if config[section][name] < 0:
+      raise ConfigError(f"config.{field} must be >= 0")
+
+
+def model_config(config, vocab_size: int) -> llama.ModelConfig:
+  m = config.model
+  return llama.ModelConfig(
+      vocab_size=vocab_size, num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, mlp_hidden=m.mlp_hidden,
+      rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat)
+
+
+def make_optimizer(optim, peak_lr: float, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warmup, cosine decay and global-norm clipping."""
+  warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=peak_lr * optim.final_lr_frac)
+  return optax.chain(
+      optax.clip_by_global_norm(optim.grad_clip),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSettings:
+  """Everything static an RL step needs (hashable, a jit static argument)."""
+
+  algorithm: str
+  group_size: int
+  temperature: float
+  coverage: str
+  rank_metric: str
+  gain: str
+  lam: float
+  advantage: str
+  inner_steps: int
+  loss: objectives.PolicyLossConfig
+
+  @classmethod
+  def from_config(cls, config):
+    rl = config.rl
+    return cls(algorithm=config.algorithm, group_size=config.rollout.group_size,
+               temperature=config.rollout.temperature, coverage=config.reward.coverage,
+               rank_metric=config.reward.rank_metric, gain=config.reward.gain,
+               lam=config.reward.lam, advantage=config.reward.advantage,
+               inner_steps=rl.inner_steps,
+               loss=objectives.PolicyLossConfig(
+                   eps_low=rl.eps_low, eps_high=rl.eps_high, ratio=rl.ratio,
+                   kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator))
+
+
+# ----------------------------------------------------------------------------
+# Pure step functions.
+
+
+def gold_choices(relevance, pool_mask, key, layout: rollout_lib.Layout):
+  """A gold sequence for teacher forcing. relevance/pool_mask [B, C] -> choices [B, T].
+
+  Slate: the relevant candidates (most relevant first) then random other pool
+  members; ranking: the first m of that slate, i.e. relevant ones first.
+  """
+  noise = jax.random.uniform(key, relevance.shape)
+  score = jnp.where(pool_mask, relevance * 4.0 + noise, -1.0)  # noise < 1 <= relevance gap
+  _, slate = jax.lax.top_k(score, layout.slate_size)
+  ranking = slate[..., :layout.rank_size]
+  return rollout_lib.choices_from_slate_ranking(slate, ranking, layout)
+
+
+def _model_batch(batch):
+  return {k: batch[k] for k in ("prompt", "prompt_mask", "cand_tokens", "pool_mask")}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer"), donate_argnums=0)
+def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer):
+  """One teacher-forcing step on gold sequences (G = 1)."""
+  choices = gold_choices(batch["relevance"], batch["pool_mask"], key, layout)[:, None]
+  phase_ids = jnp.broadcast_to(jnp.asarray(layout.phase_ids), choices.shape)
+
+  def loss_fn(params):
+    lp, ent = rollout_lib.sequence_logprobs(params, _model_batch(batch), choices, cfg=cfg,
+                                            layout=layout)
+    loss = objectives.sft_loss(lp, phase_ids)
+    # Per-phase NLL for the logs.
+    gen = -jnp.mean(lp[..., layout.slate_positions])
+    rank = -jnp.mean(lp[..., layout.rank_positions])
+    return loss, {"nll_gen": gen, "nll_rank": rank}
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+  return TrainState(params, opt_state, state.step + 1), metrics
+
+
+def rollout_rewards(ro: rollout_lib.Rollout, relevance, s: RLSettings, rank_size: int):
+  """Per-phase rewards of a rollout: relevance [B, C] -> (r_gen, r_rank) [B, G]."""
+  rel = relevance[:, None]
+  return R.phase_rewards(ro.slate, ro.ranking, rel, coverage_mode=s.coverage,
+                         rank_metric=s.rank_metric, rank_k=rank_size, gain=s.gain)
+
+
+def rl_advantages(r_gen, r_rank, phase_ids, s: RLSettings):
+  if s.algorithm == "grpo":
+    return objectives.grpo_advantages(r_gen, r_rank, phase_ids, lam=s.lam, mode=s.advantage)
+  return objectives.fgrpo_advantages(r_gen, r_rank, phase_ids, mode=s.advantage)
+
+
+def _stats(prefix, x):
+  return {f"{prefix}_mean": jnp.mean(x), f"{prefix}_std": jnp.std(x)}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "settings"),
+                   donate_argnums=0)
+def rl_step(state: TrainState, ref_params, batch, key, *, cfg, layout, optimizer,
+            settings: RLSettings):
+  """Rollout -> rewards -> per-phase group advantages -> clipped-surrogate updates."""
+  s = settings
+  mb = _model_batch(batch)
+  ro = rollout_lib.sample(state.params, mb, key, cfg=cfg, layout=layout,
+                          group_size=s.group_size, temperature=s.temperature)
+  r_gen, r_rank = rollout_rewards(ro, batch["relevance"], s, layout.rank_size)
+  token_adv, adv = rl_advantages(r_gen, r_rank, ro.phase_ids, s)
+  groups = objectives.GRPO_GROUPS if s.algorithm == "grpo" else objectives.fgrpo_groups(s.lam)
+  ref_lp = None
+  if ref_params is not None:
+    ref_lp, _ = rollout_lib.sequence_logprobs(ref_params, mb, ro.choices, cfg=cfg,
+                                              layout=layout, temperature=s.temperature)
+
+  def loss_fn(params):
+    lp, ent = rollout_lib.sequence_logprobs(params, mb, ro.choices, cfg=cfg, layout=layout,
+                                            temperature=s.temperature)
+    loss, aux = objectives.clipped_surrogate(lp, ro.logprobs, token_adv, ro.phase_ids,
+                                             groups, s.loss, ref_lp)
+    choice = ro.phase_ids != R.PHASE_TAG
+    aux["entropy"] = jnp.sum(ent * choice) / jnp.sum(choice)
+    return loss, aux
+
+  params, opt_state = state.params, state.opt_state
+  for i in range(s.inner_steps):  # a few static PPO-style epochs on the same rollouts
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if i == 0:
+      first_aux, grad_norm = aux, optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "entropy": first_aux["entropy"],
+             "clip_frac": aux["clip_frac"], "approx_kl_old": aux["approx_kl_old"],
+             **_stats("reward_gen", r_gen), **_stats("reward_rank", r_rank)}
+  if "kl_ref" in first_aux:
+    metrics["kl_ref"] = first_aux["kl_ref"]
+  for name, a in adv.items():
+    metrics[f"{name}_abs_mean"] = jnp.mean(jnp.abs(a))
+    metrics[f"{name}_zero_groups"] = jnp.mean(jnp.all(a == 0, axis=-1))
+  return TrainState(params, opt_state, state.step + 1), metrics
+
+
+# ----------------------------------------------------------------------------
+# The imperative shell.
+
+
+def batch_indices(seed: int, stage: int, step: int, n: int, batch_size: int) -> np.ndarray:
+  """Example indices of a step: epoch-wise permutations, a pure function of the step.
+
+  Being stateless, the data order needs no iterator state to resume exactly.
+  """
+  start = step * batch_size
+  idx = []
+  while len(idx) < batch_size:
+    epoch, offset = divmod(start + len(idx), n)
+    perm = np.random.default_rng([seed, stage, epoch]).permutation(n)
+    idx.extend(perm[offset:offset + batch_size - len(idx)].tolist())
+  return np.asarray(idx, np.int64)
+
+
+def take_batch(arrays, idx):
+  return {k: jnp.asarray(arrays[k][idx]) for k in MODEL_KEYS[1:]}
+
+
+def _subset(arrays, n: int, seed: int):
+  total = arrays["prompt"].shape[0]
+  if not n or n >= total:
+    return arrays
+  idx = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+  return {k: v[idx] for k, v in arrays.items()}
+
+
+class ConsoleLog:
+  """One readable line per log step: stage, step/total, key metrics, speed, ETA."""
+
+  def __init__(self, stage: str, total: int, start_step: int):
+    self.stage, self.total = stage, total
+    self.t0, self.s0 = time.time(), start_step
+
+  def line(self, step: int, metrics: dict, keys) -> str:
+    elapsed = time.time() - self.t0
+    rate = (step - self.s0) / max(elapsed, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else float("nan")
+    parts = [f"{k} {metrics[k]:.4g}" for k in keys if k in metrics]
+    return (f"[{self.stage}] step {step}/{self.total} | " + " ".join(parts)
+            + f" | {rate:.2f} steps/s | ETA {eta:.0f}s")
+
+
+def _write_metrics(writer, step, metrics):
+  if writer is not None:
+    writer.write_scalars(step, {k: float(v) for k, v in metrics.items()})
+
+
+def _make_writer(workdir):
+  from clu import metric_writers  # imports TensorFlow for event files; keep it lazy
+  return metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+
+
+def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer, log=print):
+  """Runs SFT or RL from `params` (resuming from the stage's checkpoints). Returns params."""
+  is_rl = stage == "rl"
+  sc = config.rl if is_rl else config.sft
+  total = sc.steps
+  batch_size = sc.batch_prompts if is_rl else sc.batch_size
+  optimizer = make_optimizer(config.optim, sc.lr, total)
+  ckpt = ckpt_lib.StageCheckpointer(os.path.join(workdir, "ckpt", stage),
+                                    keep=config.ckpt_keep, every=config.ckpt_every)
+  state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+  step0, r_params, r_opt = ckpt.restore_latest(ckpt_lib.abstract_like(state.params),
+                                               ckpt_lib.abstract_like(state.opt_state))
+  if step0 is not None:
+    state = TrainState(r_params, r_opt, jnp.asarray(step0, jnp.int32))
+    log(f"[{stage}] resumed from step {step0} ({ckpt.directory})")
+  start = int(state.step)
+  ref_params = params if (is_rl and config.rl.kl_coef > 0) else None
+  settings = RLSettings.from_config(config) if is_rl else None
+  train = task.splits["train"]
+  val = _subset(task.splits["validation"], config.eval.val_examples, config.seed)
+  n_train = train["prompt"].shape[0]
+  base_key = jax.random.fold_in(jax.random.key(config.seed), 1 if is_rl else 0)
+  console = ConsoleLog(stage, total, start)
+  keys = (("reward_gen_mean", "reward_rank_mean", "adv_gen_abs_mean", "clip_frac", "entropy",
+           "grad_norm") if is_rl else ("loss", "nll_gen", "nll_rank", "grad_norm"))
+  gen_tokens = batch_size * config.rollout.group_size * layout.length
+  t_last, step_last = time.time(), start
+  for step in range(start, total):
+    batch = take_batch(train, batch_indices(config.seed, int(is_rl), step, n_train, batch_size))
+    key = jax.random.fold_in(base_key, step)
+    if is_rl:
+      state, metrics = rl_step(state, ref_params, batch, key, cfg=cfg, layout=layout,
+                               optimizer=optimizer, settings=settings)
+    else:
+      state, metrics = sft_step(state, batch, key, cfg=cfg, layout=layout, optimizer=optimizer)
+    done = step + 1
+    if done % config.log_every == 0 or done == total:
+      metrics = jax.device_get(metrics)
+      now = time.time()
+      metrics["steps_per_s"] = (done - step_last) / max(now - t_last, 1e-9)
+      if is_rl:
+        metrics["gen_tokens_per_s"] = metrics["steps_per_s"] * gen_tokens
+      t_last, step_last = now, done
+      _write_metrics(writer, done, {f"{stage}/{k}": v for k, v in metrics.items()})
+      log(console.line(done, metrics, keys))
+    if config.eval.every and (done % config.eval.every == 0) and done != total:
+      val_metrics = eval_lib.evaluate_model(state.params, val, cfg=cfg, layout=layout,
+                                            batch_size=config.eval.batch_size,
+                                            gain=config.reward.gain)
+      _write_metrics(writer, done, {f"{stage}/val_{k}": v for k, v in val_metrics.items()})
+      log(f"[{stage}] step {done}/{total} | validation hit@1 {val_metrics['hit@1']:.4f} "
+          f"ndcg@5 {val_metrics['ndcg@5']:.4f} slate_recall {val_metrics['slate_recall']:.4f}")
+    ckpt.save(done, state.params, state.opt_state, force=(done == total))
+  ckpt.close()
+  return state.params
+
+
+def reference_metrics(task, arrays, config) -> tuple[dict | None, dict]:
+  """(oracle metrics or None, {reference name: metrics}) on a split's arrays."""
+  k, m = config.rollout.slate_size, config.rollout.rank_size
+  gain = config.reward.gain
+  oracle = None
+  if "oracle_scores" in arrays:
+    oracle = eval_lib.evaluate_scores(arrays["oracle_scores"], arrays, k, m, config.seed, gain)
+  refs = {name: eval_lib.evaluate_scores(fn(arrays), arrays, k, m, config.seed, gain)
+          for name, fn in task.reference_fns.items()}
+  return oracle, refs
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON through a temporary file and a rename: never a half file."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _fmt(metrics: dict | None, keys=("hit@1", "ndcg@5", "slate_recall")) -> str:
+  if not metrics:
+    return "n/a"
+  return " ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+
+
+def show_examples(params, task, arrays, config, cfg, layout, n: int, log=print):
+  """Prints n greedy test rollouts in readable form with their rewards."""
+  sub = {k: v[:n] for k, v in arrays.items()}
+  slate, ranking, _ = eval_lib.greedy_outputs(params, sub, cfg=cfg, layout=layout,
+                                              batch_size=max(n, 1))
+  r_gen = np.asarray(R.coverage(slate, sub["relevance"], mode=config.reward.coverage))
+  r_rank = np.asarray(R.ndcg(ranking, sub["relevance"], gain=config.reward.gain))
+  for i in range(n):
+    log(f"--- example {i}")
+    log(task.describe(sub, i, slate[i], ranking[i],
+                      f"R_gen {r_gen[i]:.3f}  R_rank (ndcg@{layout.rank_size}) {r_rank[i]:.3f}"))
+
+
+def run(config, workdir: str, log=print) -> dict:
+  """Trains (or only evaluates) as the config says and writes workdir/eval.json."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.time()
+  task = tasks_lib.load_task(config)
+  validate_config(config, pool_size=task.pool_size)
+  layout = task.layout_fn(config.rollout.slate_size, config.rollout.rank_size)
+  cfg = model_config(config, task.vocab_size)
+  log(f"task {task.dataset}: {task.info} | model {llama.count_params(llama.param_shapes(cfg))/1e6:.2f}M"
+      f" params | devices {jax.devices()}")
+  writer = _make_writer(workdir) if jax.process_index() == 0 else None
+  params = llama.init_params(cfg, jax.random.key(config.seed))
+
+  if config.mode == "train":
+    if config.sft.init_from:
+      params = load_stage_params(config.sft.init_from, "sft", params)
+      log(f"[sft] using SFT params of {config.sft.init_from}")
+    elif config.sft.steps:
+      params = run_stage("sft", params=params, task=task, cfg=cfg, layout=layout,
+                         config=config, workdir=workdir, writer=writer, log=log)
+    if config.algorithm in ("fgrpo", "grpo") and config.rl.steps:
+      params = run_stage("rl", params=params, task=task, cfg=cfg, layout=layout,
+                         config=config, workdir=workdir, writer=writer, log=log)
+  else:
+    for stage in ("rl", "sft"):
+      restored = load_stage_params(workdir, stage, params, missing_ok=True)
+      if restored is not None:
+        params = restored
+        log(f"[eval] evaluating the latest {stage} params of {workdir}")
+        break
+    else:
+      log(f"[eval] no checkpoint in {workdir}: evaluating the initial parameters")
+
+  test = _subset(task.splits["test"], config.eval.test_examples, config.seed + 1)
+  metrics = eval_lib.evaluate_model(params, test, cfg=cfg, layout=layout,
+                                    batch_size=config.eval.batch_size, gain=config.reward.gain)
+  oracle, refs = reference_metrics(task, test, config)
+  steps = (config.sft.steps if not config.sft.init_from else 0) + (
+      config.rl.steps if config.algorithm in ("fgrpo", "grpo") else 0)
+  result = {"algorithm": config.algorithm, "task": task.name, "dataset": task.dataset,
+            "split": "test", "metrics": metrics, "oracle": oracle, "references": refs,
+            "steps": int(steps) if config.mode == "train" else 0,
+            "num_examples": int(test["prompt"].shape[0]),
+            "wall_time_s": round(time.time() - t_start, 1)}
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, "eval.json"), result)
+    if writer is not None:
+      _write_metrics(writer, steps, {f"test/{k}": v for k, v in metrics.items()})
+      writer.flush()
+  log(f"[test] {config.algorithm}: {_fmt(metrics)}")
+  log(f"[test] oracle: {_fmt(oracle)}")
+  for name, r in refs.items():
+    log(f"[test] {name}: {_fmt(r)}")
+  log(f"[done] {time.time() - t_start:.0f}s, wrote {os.path.join(workdir, 'eval.json')}")
+  if config.eval.show_examples:
+    show_examples(params, task, test, config, cfg, layout, config.eval.show_examples, log)
+  return result
+
+
+def load_stage_params(workdir: str, stage: str, like_params, missing_ok: bool = False):
+  """Parameters of the latest checkpoint of a stage in another (or this) workdir."""
+  directory = os.path.join(workdir, "ckpt", stage)
+  if not os.path.isdir(directory):
+    if missing_ok:
+      return None
+    raise ConfigError(f"no {stage} checkpoint under {directory} (config.sft.init_from)")
+  ckpt = ckpt_lib.StageCheckpointer(directory)
+  step, params, _ = ckpt.restore_latest(ckpt_lib.abstract_like(like_params))
+  ckpt.close()
+  if step is None and not missing_ok:
+    raise ConfigError(f"no readable {stage} checkpoint in {directory} (config.sft.init_from)")
+  return params
