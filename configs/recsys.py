@@ -62,6 +62,7 @@ def get_config(arg=None):
   c.sft.steps = 600  # teacher-forcing steps on gold sequences before RL
   c.sft.batch_size = 64  # sequences per SFT step
   c.sft.lr = 3e-3  # peak learning rate of the SFT stage
+  c.sft.supervise = "relevant"  # loss on gold tokens naming relevant candidates | all
   c.sft.init_from = ""  # workdir of an earlier run whose SFT params to reuse (skips SFT)
 
   c.rl = ml_collections.ConfigDict()

@@ -70,7 +70,7 @@ def validate_config(config, pool_size: int | None = None):
                       f"C={C} (config.data.pool_size)")
   choices = {"reward.coverage": ("recall", "f1"), "reward.rank_metric": ("ndcg", "hit", "mrr"),
              "reward.gain": ("exp", "linear"), "reward.advantage": ("mean", "std", "rloo"),
-             "rl.ratio": ("token", "phase"), "rl.kl_estimator": ("k1", "k3"),
+             "rl.ratio": ("token", "phase"), "sft.supervise": ("relevant", "all"), "rl.kl_estimator": ("k1", "k3"),
              "model.dtype": ("float32", "bfloat16"), "model.remat": ("none", "full")}
   for field, allowed in choices.items():
     section, name = field.split(".")
@@ -152,19 +152,29 @@ def _model_batch(batch):
   return {k: batch[k] for k in ("prompt", "prompt_mask", "cand_tokens", "pool_mask")}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer"), donate_argnums=0)
-def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer):
-  """One teacher-forcing step on gold sequences (G = 1)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "supervise"),
+                   donate_argnums=0)
+def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise="relevant"):
+  """One teacher-forcing step on gold sequences (G = 1).
+
+  supervise: "relevant" puts the loss on the gold slate/ranking tokens that name a
+  relevant candidate; "all" on every choice token of the gold sequence.
+  """
   choices = gold_choices(batch["relevance"], batch["pool_mask"], key, layout)[:, None]
   phase_ids = jnp.broadcast_to(jnp.asarray(layout.phase_ids), choices.shape)
+  if supervise == "relevant":
+    # Filler candidates of the gold slate are context, not targets: supervising
+    # them would teach a uniform guess over the rest of the pool.
+    rel = jnp.take_along_axis(batch["relevance"][:, None], jnp.maximum(choices, 0), -1)
+    phase_ids = jnp.where((choices >= 0) & (rel > 0), phase_ids, R.PHASE_NONE)
 
   def loss_fn(params):
     lp, ent = rollout_lib.sequence_logprobs(params, _model_batch(batch), choices, cfg=cfg,
                                             layout=layout)
     loss = objectives.sft_loss(lp, phase_ids)
-    # Per-phase NLL for the logs.
-    gen = -jnp.mean(lp[..., layout.slate_positions])
-    rank = -jnp.mean(lp[..., layout.rank_positions])
+    # Per-phase NLL of the supervised tokens, for the logs.
+    gen = objectives.sft_loss(lp, phase_ids, (R.PHASE_GEN,))
+    rank = objectives.sft_loss(lp, phase_ids, (R.PHASE_RANK,))
     return loss, {"nll_gen": gen, "nll_rank": rank}
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -326,7 +336,8 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
       state, metrics = rl_step(state, ref_params, batch, key, cfg=cfg, layout=layout,
                                optimizer=optimizer, settings=settings)
     else:
-      state, metrics = sft_step(state, batch, key, cfg=cfg, layout=layout, optimizer=optimizer)
+      state, metrics = sft_step(state, batch, key, cfg=cfg, layout=layout, optimizer=optimizer,
+                                supervise=config.sft.supervise)
     done = step + 1
     if done % config.log_every == 0 or done == total:
       metrics = jax.device_get(metrics)

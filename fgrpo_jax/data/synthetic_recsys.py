@@ -1,0 +1,762 @@
+"""Embedded synthetic sequential-recommendation task with a known oracle.
+
+Nothing is downloaded: ``make_synthetic_recsys`` draws a catalogue, a population
+of users and their interaction sequences from an explicit, seeded generative
+model, then builds leave-one-out splits in the pool format used by F-GRPO (a
+history, a pool of ``C`` candidate items containing the true next item, and a
+one-hot relevance vector).  Because the generative model is known, every
+example also carries ``oracle_scores``: the exact Bayes-posterior probability
+of each pool item being the next item given the history shown in the prompt.
+
+Generative model
+----------------
+* Catalogue: ``num_items`` items split (randomly, as evenly as possible) into
+  ``num_clusters`` clusters.  Inside a cluster, items have Zipf-like weights
+  ``w(i) ∝ rank(i) ** -zipf_exponent`` (random ranks, normalised per cluster).
+* Item-level stickiness: every item ``i`` has one "follow-up" item ``f(i)`` in
+  its own cluster (a random cycle through the cluster, so ``f(i) != i``).
+* Cluster dynamics: a sparse cluster-to-cluster transition matrix ``A``; each
+  cluster leads to ``num_successors`` other clusters with Dirichlet(1) weights.
+* ``num_user_types`` discrete latent user types, drawn uniformly per user, each
+  with a sparse taste ``theta_u`` over clusters: Dirichlet(``taste_concentration``)
+  weights on a random support of ``clusters_per_type`` clusters (floored at
+  1e-6 elsewhere; ``clusters_per_type=None`` = Dirichlet over all clusters).
+  Supports overlap across types, so the last item alone leaves the type
+  ambiguous and the rest of the history matters.
+* Next-item kernel of a type-``u`` user whose last item is ``i``::
+
+      q(j | u, i) = beta * [j == f(i)]
+                    + (1 - beta) * w(j) * (alpha * A[c(i), c(j)]
+                                           + (1 - alpha) * theta_u[c(j)])
+      p(j | u, i) = q(j | u, i) * [j != i] / sum_{j' != i} q(j' | u, i)
+
+  i.e. no immediate repeats (copying the last item never works).
+* Sequences: ``x_1 ~ pi_u`` where ``pi_u`` is the STATIONARY distribution of
+  the type-``u`` chain ``p(. | u, .)``, then ``x_{t+1} ~ p(. | u, x_t)``.
+
+Why stationary starts: the chain is then stationary given ``u``, so *every*
+contiguous window ``(x_s, ..., x_{s+h-1})`` of a type-``u`` sequence has
+likelihood ``pi_u(x_s) * prod_t p(x_{t+1} | u, x_t)`` whatever its start ``s``.
+The oracle therefore conditions on exactly the (possibly truncated, possibly
+left-padded) history the model is shown -- the last ``history_len`` items --
+and nothing else::
+
+    P(u | window) ∝ P(u) * pi_u(x_s) * prod_t p(x_{t+1} | u, x_t)   (log space)
+    p*(j | window) = sum_u P(u | window) * p(j | u, last item of window)
+
+which is exactly the Bayes-optimal next-item distribution given the prompt
+(split membership and position carry no extra information, because the
+window's law does not depend on its position).  With uniform negatives the
+pool's composition carries no information about which member is the target, so
+``P(target = pool[c] | history, pool) = p*(pool[c]) / sum_c' p*(pool[c'])``
+and ranking the pool by ``oracle_scores`` is the Bayes-optimal ranking (it
+maximises expected Hit@k and NDCG@k).  With ``negatives="popularity"`` the
+scores are still ``p*(item | history)`` but ranking by them is then only
+approximately optimal (popular items are more likely to be negatives).
+
+Splits (leave-one-out per user, sequences ``x_0 .. x_{L-1}`` 0-based):
+``x_{L-1}`` is the test target, ``x_{L-2}`` the validation target and every
+``x_t`` with ``min_history <= t <= L-3`` is a training target (optionally a
+random ``max_train_per_user`` of them).  The history of target ``x_t`` is
+``x_{max(0, t-H)} .. x_{t-1}``, left-padded with ``-1`` to ``H = history_len``.
+The pool is the target plus ``C - 1`` distinct negatives drawn from the
+catalogue minus the target (uniformly, or proportionally to add-one-smoothed
+training popularity), randomly permuted so the target's slot is uniform.
+
+Only numpy and the standard library are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Iterable
+
+import numpy as np
+
+__all__ = [
+    "RecsysExamples",
+    "RecsysDataset",
+    "SyntheticRecsysModel",
+    "build_synthetic_model",
+    "make_synthetic_recsys",
+    "ranking_metrics",
+    "oracle_expected_hit1",
+    "format_summary",
+    "TINY_CONFIG",
+]
+
+PAD = -1
+
+# Small setting used by the tests and smoke runs.
+TINY_CONFIG: dict[str, Any] = dict(
+    num_items=60,
+    num_clusters=6,
+    num_user_types=4,
+    num_users=600,
+    seq_len=12,
+    history_len=6,
+)
+
+
+# ----------------------------------------------------------------------------
+# Containers
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecsysExamples:
+  """One split, in pool format.
+
+  Attributes:
+    history: int32 [N, H] item ids, most recent last, left-padded with -1.
+    pool: int32 [N, C] candidate item ids, distinct within a row.
+    relevance: float32 [N, C], 1.0 at the target's slot, 0.0 elsewhere.
+    oracle_scores: float32 [N, C] p*(pool item | history) under the true
+      generative model, or None (real data).
+    user: optional int32 [N] index of the user each example comes from.
+  """
+
+  history: np.ndarray
+  pool: np.ndarray
+  relevance: np.ndarray
+  oracle_scores: np.ndarray | None = None
+  user: np.ndarray | None = None
+
+  def __post_init__(self):
+    n = self.history.shape[0]
+    if self.history.ndim != 2 or self.pool.ndim != 2:
+      raise ValueError("history and pool must be 2-D")
+    if self.pool.shape[0] != n or self.relevance.shape != self.pool.shape:
+      raise ValueError(
+          f"inconsistent shapes: history {self.history.shape}, pool "
+          f"{self.pool.shape}, relevance {self.relevance.shape}")
+    if self.oracle_scores is not None and self.oracle_scores.shape != self.pool.shape:
+      raise ValueError("oracle_scores must have the pool's shape")
+    if self.user is not None and self.user.shape != (n,):
+      raise ValueError("user must have shape [N]")
+
+  def __len__(self) -> int:
+    return int(self.history.shape[0])
+
+  @property
+  def history_len(self) -> int:
+    return int(self.history.shape[1])
+
+  @property
+  def pool_size(self) -> int:
+    return int(self.pool.shape[1])
+
+  @property
+  def target_slot(self) -> np.ndarray:
+    """int [N] index of the (first) relevant slot of each row."""
+    return np.argmax(self.relevance, axis=1)
+
+  @property
+  def target(self) -> np.ndarray:
+    """int32 [N] item id of the (first) relevant pool item of each row."""
+    return self.pool[np.arange(len(self)), self.target_slot]
+
+  @property
+  def history_lengths(self) -> np.ndarray:
+    """int [N] number of non-padding history items."""
+    return (self.history != PAD).sum(axis=1)
+
+  @property
+  def last_item(self) -> np.ndarray:
+    """int32 [N] most recent history item (-1 if the history is empty)."""
+    return self.history[:, -1]
+
+  def take(self, idx) -> "RecsysExamples":
+    """Row subset (any numpy index: ints, slice, boolean mask)."""
+    if isinstance(idx, slice):
+      sel = idx
+    else:
+      sel = np.asarray(idx)
+      if sel.ndim == 0:
+        sel = sel[None]
+    opt = lambda a: None if a is None else a[sel]
+    return RecsysExamples(
+        history=self.history[sel],
+        pool=self.pool[sel],
+        relevance=self.relevance[sel],
+        oracle_scores=opt(self.oracle_scores),
+        user=opt(self.user),
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SyntheticRecsysModel:
+  """The true generative model (all arrays numpy; see module docstring).
+
+  Attributes:
+    item_cluster: int32 [I] cluster of every item.
+    item_weight: float64 [I] within-cluster Zipf weight (sums to 1 per cluster).
+    follow_up: int32 [I] follow-up item f(i) (same cluster, != i).
+    cluster_transition: float64 [K, K] row-stochastic, zero diagonal.
+    type_taste: float64 [T, K] row-stochastic taste of each user type.
+    type_prior: float64 [T] prior over user types.
+    alpha: weight of the cluster-transition part (vs. the taste part).
+    beta: weight of the follow-up (item stickiness) part.
+    transition: float64 [T, I, I] p(next = j | type u, last = i), zero diagonal.
+    initial: float64 [T, I] stationary distribution pi_u of each type's chain
+      (law of x_1 and, by stationarity, of every x_t given u).
+  """
+
+  item_cluster: np.ndarray
+  item_weight: np.ndarray
+  follow_up: np.ndarray
+  cluster_transition: np.ndarray
+  type_taste: np.ndarray
+  type_prior: np.ndarray
+  alpha: float
+  beta: float
+  transition: np.ndarray
+  initial: np.ndarray
+
+  @property
+  def num_items(self) -> int:
+    return int(self.item_cluster.shape[0])
+
+  @property
+  def num_clusters(self) -> int:
+    return int(self.cluster_transition.shape[0])
+
+  @property
+  def num_user_types(self) -> int:
+    return int(self.type_prior.shape[0])
+
+  # -- sampling ---------------------------------------------------------------
+
+  def sample_sequences(self, num_users: int, seq_len: int,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Draws (user_types int32 [U], sequences int32 [U, L]) -- vectorised."""
+    types = rng.choice(self.num_user_types, size=num_users, p=self.type_prior)
+    seqs = np.empty((num_users, seq_len), dtype=np.int32)
+    init_cdf = _row_cdf(self.initial)            # [T, I]
+    trans_cdf = _row_cdf(self.transition)        # [T, I, I]
+    u = rng.random(num_users)
+    seqs[:, 0] = _sample_from_cdf(init_cdf[types], u)
+    for t in range(1, seq_len):
+      u = rng.random(num_users)
+      seqs[:, t] = _sample_from_cdf(trans_cdf[types, seqs[:, t - 1]], u)
+    return types.astype(np.int32), seqs
+
+  # -- exact inference ----------------------------------------------------------
+
+  def log_likelihood(self, history: np.ndarray) -> np.ndarray:
+    """log p(window | u) for every type: float64 [N, T].
+
+    ``history`` is int [N, H], left-padded with -1; only the non-padding items
+    (a contiguous suffix) are used: log pi_u(first) + sum log p(next | u, prev).
+    An all-padding row has log-likelihood 0 for every type.
+    """
+    history = np.asarray(history)
+    if history.ndim == 1:
+      history = history[None]
+    n, h = history.shape
+    num_t = self.num_user_types
+    out = np.zeros((n, num_t))
+    if h == 0 or n == 0:
+      return out
+    valid = history != PAD
+    if not np.all(valid[:, 1:] >= valid[:, :-1]):
+      raise ValueError("history must be left-padded (padding only at the start)")
+    with np.errstate(divide="ignore"):
+      log_init = np.log(self.initial)            # [T, I]
+      log_trans = np.log(self.transition)        # [T, I, I]
+    lengths = valid.sum(axis=1)
+    rows = np.nonzero(lengths > 0)[0]
+    first = history[rows, h - lengths[rows]]
+    out[rows] = log_init[:, first].T
+    if h > 1:
+      prev = np.where(valid[:, :-1], history[:, :-1], 0)
+      nxt = np.where(valid[:, :-1], history[:, 1:], 0)
+      # [T, N, H-1] -> masked sum over pairs.
+      pair_ll = log_trans[:, prev, nxt]
+      pair_ll = np.where(valid[None, :, :-1], pair_ll, 0.0)
+      out += pair_ll.sum(axis=2).T
+    return out
+
+  def posterior(self, history: np.ndarray) -> np.ndarray:
+    """P(u | window): float64 [N, T] (exact, computed in log space)."""
+    with np.errstate(divide="ignore"):
+      logp = self.log_likelihood(history) + np.log(self.type_prior)[None]
+    m = logp.max(axis=1, keepdims=True)
+    if not np.all(np.isfinite(m)):
+      raise ValueError("history has zero probability under every user type")
+    p = np.exp(logp - m)
+    return p / p.sum(axis=1, keepdims=True)
+
+  def next_item_probs(self, history: np.ndarray) -> np.ndarray:
+    """p*(next = j | window) for all items: float64 [N, I]."""
+    history = np.asarray(history)
+    if history.ndim == 1:
+      history = history[None]
+    post = self.posterior(history)                              # [N, T]
+    last = history[:, -1] if history.shape[1] else np.full(len(history), PAD)
+    empty = last == PAD
+    rows = self.transition[:, np.where(empty, 0, last)]          # [T, N, I]
+    rows = np.where(empty[None, :, None], self.initial[:, None, :], rows)
+    return np.einsum("nt,tni->ni", post, rows)
+
+  def oracle_scores(self, history: np.ndarray, pool: np.ndarray,
+                    chunk: int = 16384) -> np.ndarray:
+    """p*(pool item | window): float64 [N, C] (vectorised, chunked)."""
+    history = np.asarray(history)
+    pool = np.asarray(pool)
+    out = np.empty(pool.shape, dtype=np.float64)
+    for s in range(0, len(pool), chunk):
+      h = history[s:s + chunk]
+      p = pool[s:s + chunk]
+      post = self.posterior(h)
+      last = h[:, -1] if h.shape[1] else np.full(len(h), PAD)
+      empty = last == PAD
+      vals = self.transition[:, np.where(empty, 0, last)[:, None], p]  # [T, n, C]
+      if np.any(empty):
+        init_vals = self.initial[:, p]                                  # [T, n, C]
+        vals = np.where(empty[None, :, None], init_vals, vals)
+      out[s:s + chunk] = np.einsum("nt,tnc->nc", post, vals)
+    return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecsysDataset:
+  """Train/validation/test splits plus catalogue metadata.
+
+  Attributes:
+    train, validation, test: the splits.
+    num_items: catalogue size (item ids are 0 .. num_items-1).
+    item_popularity: float32 [num_items] occurrence counts of each item in the
+      training part of the sequences (every position except the validation and
+      test targets), for the popularity reference.
+    item_names: readable names, e.g. "item_17 (cluster 3)".
+    model: the true generative model (None for real data).
+    sequences: int32 [U, L] generated full sequences (None for real data).
+    user_types: int32 [U] latent type of every user (None for real data).
+    info: generation config and timing.
+  """
+
+  train: RecsysExamples
+  validation: RecsysExamples
+  test: RecsysExamples
+  num_items: int
+  item_popularity: np.ndarray
+  item_names: list[str]
+  model: SyntheticRecsysModel | None = None
+  sequences: np.ndarray | None = None
+  user_types: np.ndarray | None = None
+  info: dict = dataclasses.field(default_factory=dict)
+  _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+  def split(self, name: str) -> RecsysExamples:
+    return {"train": self.train, "validation": self.validation,
+            "test": self.test}[name]
+
+  def baseline_scores(self, examples: RecsysExamples) -> dict[str, np.ndarray]:
+    """Reference scorers for a split: name -> float [N, C] pool scores.
+
+    * ``oracle``: the true p*(item | history) (synthetic data only).
+    * ``popularity``: training popularity of the pool item.
+    * ``random``: constant scores (all ties; metrics use random tie-breaking).
+    * ``last_item``: 1 for the pool item equal to the last history item.
+    * ``bigram``: training item->item transition counts from the last history
+      item (add-one backoff to popularity): a strong 1st-order Markov baseline
+      that does not infer the user's type.
+    """
+    pool = examples.pool
+    out: dict[str, np.ndarray] = {}
+    if examples.oracle_scores is not None:
+      out["oracle"] = examples.oracle_scores.astype(np.float64)
+    pop = self.item_popularity.astype(np.float64)
+    out["popularity"] = pop[pool]
+    out["random"] = np.zeros(pool.shape)
+    out["last_item"] = (pool == examples.last_item[:, None]).astype(np.float64)
+    counts = self._train_bigram_counts()
+    last = examples.last_item
+    safe_last = np.where(last == PAD, 0, last)
+    big = counts[safe_last[:, None], pool]
+    big = np.where((last == PAD)[:, None], 0.0, big)
+    # Backoff: popularity, scaled so it only breaks ties / fills unseen rows.
+    out["bigram"] = big + (pop[pool] + 1.0) / (pop.sum() + len(pop) + 1.0)
+    return out
+
+  def _train_bigram_counts(self) -> np.ndarray:
+    cache = self._cache
+    if "counts" not in cache:
+      n = self.num_items
+      counts = np.zeros((n, n))
+      if self.sequences is not None:
+        # Each (user, position) pair of the training part of the sequences
+        # (everything before the validation target) counted once.
+        tr = self.sequences[:, : max(self.sequences.shape[1] - 2, 0)]
+        prev, nxt = tr[:, :-1].ravel(), tr[:, 1:].ravel()
+      else:
+        # Real data: pairs inside training windows (overlaps counted again).
+        full = np.concatenate(
+            [self.train.history, self.train.target[:, None]], axis=1)
+        prev, nxt = full[:, :-1].ravel(), full[:, 1:].ravel()
+      ok = prev != PAD
+      np.add.at(counts, (prev[ok], nxt[ok]), 1.0)
+      cache["counts"] = counts
+    return cache["counts"]
+
+  def summary(self, split: str = "test") -> dict:
+    """Sizes plus reference metrics (Hit@1, NDCG@5, ...) on ``split``.
+
+    Metrics are exact expectations under uniformly random tie-breaking (so the
+    constant "random" scorer gives exactly 1/C).  ``oracle_expected_hit@1`` is
+    the oracle's Hit@1 predicted by the model itself,
+    mean_n max_c p*_nc / sum_c p*_nc; it should match the empirical one.
+    """
+    ex = self.split(split)
+    res: dict[str, Any] = {
+        "num_items": self.num_items,
+        "pool_size": ex.pool_size,
+        "history_len": ex.history_len,
+        "sizes": {k: len(self.split(k)) for k in ("train", "validation", "test")},
+        "train_full_history_frac": float(
+            np.mean(self.train.history_lengths == self.train.history_len))
+        if len(self.train) else float("nan"),
+        "split": split,
+    }
+    metrics = {}
+    for name, scores in self.baseline_scores(ex).items():
+      m = ranking_metrics(scores, ex.relevance, ks=(1, 5))
+      metrics[name] = {"hit@1": m["hit@1"], "hit@5": m["hit@5"],
+                       "ndcg@5": m["ndcg@5"]}
+    res["metrics"] = metrics
+    if ex.oracle_scores is not None:
+      res["oracle_expected_hit@1"] = float(oracle_expected_hit1(ex.oracle_scores))
+    for k in ("generation_seconds",):
+      if k in self.info:
+        res[k] = self.info[k]
+    # Flat shortcuts, e.g. res["oracle_hit@1"].
+    for name, m in metrics.items():
+      for key, v in m.items():
+        res[f"{name}_{key}"] = v
+    return res
+
+
+# ----------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------
+
+
+def ranking_metrics(scores: np.ndarray, relevance: np.ndarray,
+                    ks: Iterable[int] = (1, 5, 10), ties: str = "random",
+                    reduce: bool = True) -> dict[str, Any]:
+  """Hit@k / NDCG@k / MRR of ranking each row's pool by ``scores`` (desc).
+
+  Assumes exactly one relevant slot per row (the first max of ``relevance``).
+  ``ties="random"``: exact expectation over uniformly random tie-breaking;
+  ``ties="pessimistic"``: the target is ranked after every item it ties with.
+  Returns means (``reduce=True``) or per-row float arrays.
+  """
+  scores = np.asarray(scores, dtype=np.float64)
+  relevance = np.asarray(relevance)
+  n, c = scores.shape
+  slot = np.argmax(relevance, axis=1)
+  tgt = scores[np.arange(n), slot][:, None]
+  greater = (scores > tgt).sum(axis=1)             # items strictly above
+  tied = (scores == tgt).sum(axis=1)               # includes the target
+  if ties == "pessimistic":
+    lo, k_tied = greater + tied - 1, np.ones(n, dtype=np.int64)
+  elif ties == "random":
+    lo, k_tied = greater, tied
+  else:
+    raise ValueError(f"unknown ties mode {ties!r}")
+  # Target rank r (0-based) is uniform over lo .. lo + k_tied - 1.
+  ranks = np.arange(c)
+  in_range = (ranks[None] >= lo[:, None]) & (ranks[None] < (lo + k_tied)[:, None])
+  p_rank = in_range / k_tied[:, None]              # [N, C] P(rank = r)
+  disc = 1.0 / np.log2(ranks + 2.0)
+  out: dict[str, Any] = {}
+  for k in ks:
+    out[f"hit@{k}"] = p_rank[:, :k].sum(axis=1)
+    out[f"ndcg@{k}"] = (p_rank[:, :k] * disc[None, :k]).sum(axis=1)
+  out["mrr"] = (p_rank / (ranks[None] + 1.0)).sum(axis=1)
+  if reduce:
+    out = {k: float(np.mean(v)) if n else float("nan") for k, v in out.items()}
+  return out
+
+
+def oracle_expected_hit1(oracle_scores: np.ndarray, reduce: bool = True):
+  """Model-predicted Hit@1 of the oracle ranking: max_c p*_c / sum_c p*_c."""
+  s = np.asarray(oracle_scores, dtype=np.float64)
+  v = s.max(axis=1) / s.sum(axis=1)
+  return float(v.mean()) if reduce else v
+
+
+# ----------------------------------------------------------------------------
+# Construction
+# ----------------------------------------------------------------------------
+
+
+def _row_cdf(p: np.ndarray) -> np.ndarray:
+  """Row-wise CDF whose last entry is exactly 1 (zero-prob items unreachable)."""
+  c = np.cumsum(p, axis=-1)
+  return c / c[..., -1:]
+
+
+def _sample_from_cdf(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
+  """Inverse-CDF sampling, one draw per row: smallest j with cdf[j] > u."""
+  idx = (cdf <= u[:, None]).sum(axis=1)
+  return np.minimum(idx, cdf.shape[1] - 1).astype(np.int32)
+
+
+def _stationary(trans: np.ndarray) -> np.ndarray:
+  """Stationary distributions of a stack of row-stochastic matrices [T, I, I]."""
+  t, n, _ = trans.shape
+  a = np.transpose(trans, (0, 2, 1)) - np.eye(n)[None]   # (P^T - I) pi = 0
+  a[:, -1, :] = 1.0                                      # sum(pi) = 1
+  b = np.zeros((t, n))
+  b[:, -1] = 1.0
+  pi = np.linalg.solve(a, b[..., None])[..., 0]
+  pi = np.clip(pi, 0.0, None)
+  pi /= pi.sum(axis=1, keepdims=True)
+  # Polish with a few power iterations (removes solver round-off).
+  for _ in range(3):
+    pi = np.einsum("ti,tij->tj", pi, trans)
+  return pi / pi.sum(axis=1, keepdims=True)
+
+
+def build_synthetic_model(*, num_items: int = 200, num_clusters: int = 10,
+                          num_user_types: int = 8, alpha: float = 0.15,
+                          beta: float = 0.3, taste_concentration: float = 0.5,
+                          clusters_per_type: int | None = 3,
+                          num_successors: int = 2, zipf_exponent: float = 1.0,
+                          rng: np.random.Generator | int = 0
+                          ) -> SyntheticRecsysModel:
+  """Draws the true generative model (see module docstring)."""
+  rng = np.random.default_rng(rng)
+  n, k, nt = num_items, num_clusters, num_user_types
+  if k < 2 or n < 2 * k:
+    raise ValueError("need num_clusters >= 2 and num_items >= 2 * num_clusters")
+  if not 1 <= num_successors <= k - 1:
+    raise ValueError("num_successors must be in [1, num_clusters - 1]")
+  if not (0.0 <= alpha <= 1.0 and 0.0 <= beta < 1.0):
+    raise ValueError("need 0 <= alpha <= 1 and 0 <= beta < 1")
+
+  # Items -> clusters (balanced, random assignment).
+  item_cluster = rng.permutation(np.arange(n) % k).astype(np.int32)
+  item_weight = np.empty(n)
+  follow_up = np.empty(n, dtype=np.int32)
+  for c in range(k):
+    members = np.nonzero(item_cluster == c)[0]
+    ranks = rng.permutation(len(members)) + 1.0
+    w = ranks ** (-zipf_exponent)
+    item_weight[members] = w / w.sum()
+    cycle = rng.permutation(members)
+    follow_up[cycle] = np.roll(cycle, -1)        # random cycle, f(i) != i
+
+  # Sparse cluster transitions: each cluster -> num_successors other clusters.
+  cluster_transition = np.zeros((k, k))
+  for c in range(k):
+    others = np.array([d for d in range(k) if d != c])
+    succ = rng.choice(others, size=num_successors, replace=False)
+    cluster_transition[c, succ] = rng.dirichlet(np.ones(num_successors))
+
+  # Sparse user-type tastes over clusters (floored to keep logs finite).
+  if clusters_per_type is not None:
+    clusters_per_type = max(1, min(int(clusters_per_type), k))
+  if clusters_per_type is None:
+    taste = rng.dirichlet(np.full(k, taste_concentration), size=nt)
+  else:
+    taste = np.zeros((nt, k))
+    for u in range(nt):
+      support = rng.choice(k, size=clusters_per_type, replace=False)
+      taste[u, support] = rng.dirichlet(np.full(clusters_per_type, taste_concentration))
+  taste = np.maximum(taste, 1e-6)
+  taste /= taste.sum(axis=1, keepdims=True)
+  type_prior = np.full(nt, 1.0 / nt)
+
+  # Item-level transition tables p(j | u, i): [T, I, I].
+  cl_mix = (alpha * cluster_transition[None]
+            + (1.0 - alpha) * taste[:, None, :])              # [T, K_prev, K_next]
+  q = cl_mix[:, item_cluster][:, :, item_cluster] * item_weight[None, None, :]
+  q *= (1.0 - beta)
+  q[:, np.arange(n), follow_up] += beta
+  q[:, np.arange(n), np.arange(n)] = 0.0                      # no immediate repeat
+  trans = q / q.sum(axis=2, keepdims=True)
+  initial = _stationary(trans)
+  return SyntheticRecsysModel(
+      item_cluster=item_cluster, item_weight=item_weight, follow_up=follow_up,
+      cluster_transition=cluster_transition, type_taste=taste,
+      type_prior=type_prior, alpha=float(alpha), beta=float(beta),
+      transition=trans, initial=initial)
+
+
+def _build_histories(seqs: np.ndarray, users: np.ndarray, t: np.ndarray,
+                     history_len: int) -> np.ndarray:
+  idx = t[:, None] - history_len + np.arange(history_len)[None]
+  vals = seqs[users[:, None], np.clip(idx, 0, None)]
+  return np.where(idx >= 0, vals, PAD).astype(np.int32)
+
+
+def _sample_pools(targets: np.ndarray, num_items: int, pool_size: int,
+                  log_weights: np.ndarray | None, rng: np.random.Generator,
+                  chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+  """Target + (C-1) distinct negatives != target, shuffled.
+
+  Uniform negatives: the C-1 smallest of i.i.d. uniform keys (target excluded).
+  Weighted negatives: Gumbel-top-k on log weights (= sequential sampling
+  without replacement proportional to the weights).
+  Returns (pool int32 [N, C], target slot int [N]).
+  """
+  n = len(targets)
+  c = pool_size
+  pool = np.empty((n, c), dtype=np.int32)
+  for s in range(0, n, chunk):
+    tg = targets[s:s + chunk]
+    m = len(tg)
+    if log_weights is None:
+      keys = rng.random((m, num_items), dtype=np.float32)
+    else:
+      g = rng.gumbel(size=(m, num_items)).astype(np.float32)
+      keys = -(log_weights[None].astype(np.float32) + g)   # smaller = chosen
+    keys[np.arange(m), tg] = np.inf
+    negs = np.argpartition(keys, c - 2, axis=1)[:, : c - 1]
+    pool[s:s + m, 0] = tg
+    pool[s:s + m, 1:] = negs
+  perm = np.argsort(rng.random((n, c)), axis=1)
+  pool = np.take_along_axis(pool, perm, axis=1)
+  slot = np.argmax(perm == 0, axis=1)
+  return pool, slot
+
+
+def make_synthetic_recsys(*, num_items: int = 200, num_clusters: int = 10,
+                          num_user_types: int = 8, num_users: int = 4000,
+                          seq_len: int = 20, history_len: int = 10,
+                          pool_size: int = 20, negatives: str = "uniform",
+                          alpha: float = 0.15, beta: float = 0.3,
+                          taste_concentration: float = 0.5,
+                          clusters_per_type: int | None = 3,
+                          num_successors: int = 2, zipf_exponent: float = 1.0,
+                          min_history: int | None = None, seed: int = 0,
+                          max_train_per_user: int | None = None
+                          ) -> RecsysDataset:
+  """Generates the synthetic task (model, sequences, leave-one-out splits).
+
+  Args:
+    num_items, num_clusters, num_user_types: catalogue / latent structure.
+    num_users, seq_len: number and length of generated sequences.
+    history_len: H, items shown in the prompt (most recent last, -1 padded).
+    pool_size: C, candidates per example (target + C-1 negatives).
+    negatives: "uniform" (default; oracle exactly Bayes-optimal) or
+      "popularity" (proportional to add-one-smoothed training counts).
+    alpha: weight of the cluster-transition part vs. the user's taste.
+    beta: probability mass of the item's follow-up item (item stickiness).
+    taste_concentration: Dirichlet concentration of type tastes (small=sparse).
+    clusters_per_type: size of each type's taste support (None: all clusters).
+    num_successors: clusters each cluster can transition to.
+    zipf_exponent: within-cluster popularity skew.
+    min_history: smallest history length of a training example
+      (default max(1, history_len // 2)).
+    seed: controls everything (model, users, sequences, pools).
+    max_train_per_user: keep a random subset of this many training examples
+      per user (default: all).
+  """
+  t0 = time.perf_counter()
+  if negatives not in ("uniform", "popularity"):
+    raise ValueError(f"negatives must be 'uniform' or 'popularity', got {negatives!r}")
+  if min_history is None:
+    min_history = max(1, history_len // 2)
+  if min_history < 1:
+    raise ValueError("min_history must be >= 1")
+  if seq_len < min_history + 3:
+    raise ValueError("seq_len must be >= min_history + 3 (train + val + test)")
+  if not 2 <= pool_size <= num_items:
+    raise ValueError("need 2 <= pool_size <= num_items")
+
+  ss = np.random.SeedSequence(seed)
+  ss_model, ss_seq, ss_split, ss_pool = ss.spawn(4)
+  rng_model, rng_seq, rng_split = (
+      np.random.default_rng(s) for s in (ss_model, ss_seq, ss_split))
+  # One pool stream per split: validation/test pools do not depend on the
+  # training options (min_history, max_train_per_user).
+  rng_pools = dict(zip(("train", "validation", "test"),
+                       (np.random.default_rng(s) for s in ss_pool.spawn(3))))
+  model = build_synthetic_model(
+      num_items=num_items, num_clusters=num_clusters,
+      num_user_types=num_user_types, alpha=alpha, beta=beta,
+      taste_concentration=taste_concentration,
+      clusters_per_type=clusters_per_type, num_successors=num_successors,
+      zipf_exponent=zipf_exponent, rng=rng_model)
+  user_types, seqs = model.sample_sequences(num_users, seq_len, rng_seq)
+
+  # Popularity = counts over every position that is not a val/test target.
+  train_part = seqs[:, : seq_len - 2]
+  item_popularity = np.bincount(train_part.ravel(), minlength=num_items)
+  item_popularity = item_popularity.astype(np.float32)
+
+  # Example positions.
+  train_t = np.arange(min_history, seq_len - 2)
+  n_pos = len(train_t)
+  if max_train_per_user is not None and max_train_per_user < n_pos:
+    keys = rng_split.random((num_users, n_pos))
+    keep = np.sort(np.argsort(keys, axis=1)[:, :max_train_per_user], axis=1)
+    tr_users = np.repeat(np.arange(num_users), max_train_per_user)
+    tr_t = train_t[keep].ravel()
+  else:
+    tr_users = np.repeat(np.arange(num_users), n_pos)
+    tr_t = np.tile(train_t, num_users)
+  all_users = np.arange(num_users)
+  specs = {
+      "train": (tr_users, tr_t),
+      "validation": (all_users, np.full(num_users, seq_len - 2)),
+      "test": (all_users, np.full(num_users, seq_len - 1)),
+  }
+  log_w = None
+  if negatives == "popularity":
+    log_w = np.log(item_popularity.astype(np.float64) + 1.0)
+
+  splits = {}
+  for name, (users, t) in specs.items():
+    hist = _build_histories(seqs, users, t, history_len)
+    targets = seqs[users, t]
+    pool, slot = _sample_pools(targets, num_items, pool_size, log_w,
+                               rng_pools[name])
+    rel = np.zeros(pool.shape, dtype=np.float32)
+    rel[np.arange(len(pool)), slot] = 1.0
+    oracle = model.oracle_scores(hist, pool).astype(np.float32)
+    splits[name] = RecsysExamples(
+        history=hist, pool=pool, relevance=rel, oracle_scores=oracle,
+        user=users.astype(np.int32))
+
+  item_names = [f"item_{i} (cluster {c})" for i, c in enumerate(model.item_cluster)]
+  config = dict(num_items=num_items, num_clusters=num_clusters,
+                num_user_types=num_user_types, num_users=num_users,
+                seq_len=seq_len, history_len=history_len, pool_size=pool_size,
+                negatives=negatives, alpha=alpha, beta=beta,
+                taste_concentration=taste_concentration,
+                clusters_per_type=clusters_per_type,
+                num_successors=num_successors, zipf_exponent=zipf_exponent,
+                min_history=min_history, seed=seed,
+                max_train_per_user=max_train_per_user)
+  info = {"config": config,
+          "generation_seconds": round(time.perf_counter() - t0, 4)}
+  return RecsysDataset(
+      train=splits["train"], validation=splits["validation"],
+      test=splits["test"], num_items=num_items,
+      item_popularity=item_popularity, item_names=item_names, model=model,
+      sequences=seqs, user_types=user_types, info=info)
+
+
+def format_summary(s: dict) -> str:
+  """Human-readable multi-line rendering of ``RecsysDataset.summary()``."""
+  lines = [f"sizes={s['sizes']} train_full_history_frac="
+           f"{s['train_full_history_frac']:.2f} gen={s.get('generation_seconds')}s"]
+  for name, m in s["metrics"].items():
+    lines.append(f"  {name:<11s} hit@1={m['hit@1']:.3f} hit@5={m['hit@5']:.3f} "
+                 f"ndcg@5={m['ndcg@5']:.3f}")
+  if "oracle_expected_hit@1" in s:
+    lines.append(f"  oracle expected hit@1={s['oracle_expected_hit@1']:.3f}")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  for label, kw in (("default", {}), ("tiny", TINY_CONFIG)):
+    ds = make_synthetic_recsys(**kw)
+    print(f"[{label}]")
+    print(format_summary(ds.summary()))
