@@ -1,0 +1,523 @@
+"""Hugging Face checkpoints <-> our Llama-family decoder (Llama, Qwen2, Qwen3).
+
+    config_from_hf(hf_config)            config.json dict -> ModelConfig
+    load_hf_params(directory, cfg, ...)  model.safetensors (or a sharded index) -> params
+    save_hf_checkpoint(params, cfg, dir) params -> config.json + model.safetensors
+    load_pretrained(path)                all of the above + tokenizer + a jitted forward
+
+Everything is local: nothing here touches the network. Tensors are read with
+`safetensors.safe_open(framework="numpy")` (importing `ml_dtypes` teaches numpy the
+name "bfloat16", so bf16 checkpoints read natively), and each stacked parameter is
+filled layer by layer into one preallocated host array that goes to the device
+before the next one is built: the host never holds a second copy of the model.
+
+Layout: HF `nn.Linear` weights are [out, in]; our kernels are [in, out], so every
+projection (and `lm_head`) is transposed. HF Llama/Qwen checkpoints already use the
+half-split rotary layout that `llama.apply_rope` implements, so q/k need no permutation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" for safe_open)
+import numpy as np
+
+from fgrpo_jax.errors import UserError
+from fgrpo_jax.models import llama
+from fgrpo_jax.models.llama import ModelConfig, Params
+
+# architecture -> (model_type, qkv_bias, qk_norm)
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", False, False),
+    "Qwen2ForCausalLM": ("qwen2", True, False),
+    "Qwen3ForCausalLM": ("qwen3", False, True),
+}
+_ARCH_BY_MODEL_TYPE = {v[0]: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+# Our layer key -> (HF name inside `model.layers.{i}.`, transpose?).
+_LAYER_NAMES = {
+    "attn_norm": ("input_layernorm.weight", False),
+    "q_proj": ("self_attn.q_proj.weight", True),
+    "k_proj": ("self_attn.k_proj.weight", True),
+    "v_proj": ("self_attn.v_proj.weight", True),
+    "o_proj": ("self_attn.o_proj.weight", True),
+    "q_bias": ("self_attn.q_proj.bias", False),
+    "k_bias": ("self_attn.k_proj.bias", False),
+    "v_bias": ("self_attn.v_proj.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
+    "mlp_norm": ("post_attention_layernorm.weight", False),
+    "gate_proj": ("mlp.gate_proj.weight", True),
+    "up_proj": ("mlp.up_proj.weight", True),
+    "down_proj": ("mlp.down_proj.weight", True),
+}
+# Our top-level key -> (HF name, transpose?).
+_TOP_NAMES = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+}
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "F64": np.float64}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# Rows per read when a large 2-D tensor is transposed into place (bounds the temp copy).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+# ----------------------------------------------------------------------------
+# config.json -> ModelConfig
+
+
+def _architecture(hf: dict, source: str) -> str:
+  archs = hf.get("architectures") or []
+  model_type = hf.get("model_type")
+  supported = ", ".join(SUPPORTED_ARCHITECTURES)
+  if archs:
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+      raise UserError(
+          f"{source}: unsupported architecture {arch!r} (model_type={model_type!r}); "
+          f"supported architectures: {supported}")
+    return arch
+  if model_type in _ARCH_BY_MODEL_TYPE:
+    return _ARCH_BY_MODEL_TYPE[model_type]
+  raise UserError(
+      f"{source}: unsupported model (architectures={archs or None}, "
+      f"model_type={model_type!r}); supported architectures: {supported}")
+
+
+def _rope(hf: dict, source: str) -> tuple[float, tuple | None]:
+  """(rope_theta, rope_scaling items) following transformers' precedence rules.
+
+  transformers >= 5 writes `rope_parameters` (with `rope_theta` inside); older
+  checkpoints write top-level `rope_theta` and `rope_scaling` (`type` or `rope_type`).
+  A legacy `rope_scaling` takes precedence, as it does in transformers.
+  """
+  params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+  if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+    raise UserError(f"{source}: per-layer-type rope parameters are not supported: {params!r}")
+  params = dict(params)
+  theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+  kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+  params.pop("type", None)
+  partial = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor"))
+  if partial not in (None, 1, 1.0):
+    raise UserError(f"{source}: partial_rotary_factor={partial} is not supported (only 1.0)")
+  if kind not in SUPPORTED_ROPE_TYPES:
+    raise UserError(
+        f"{source}: unsupported rope scaling type {kind!r}; supported: "
+        f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+  if kind == "default":
+    return theta, None
+  try:
+    if kind == "linear":
+      scaling = {"rope_type": "linear", "factor": float(params["factor"])}
+    else:  # llama3
+      old_len = hf.get("original_max_position_embeddings",
+                       params.get("original_max_position_embeddings",
+                                  hf.get("max_position_embeddings")))
+      scaling = {"rope_type": "llama3", "factor": float(params["factor"]),
+                 "low_freq_factor": float(params["low_freq_factor"]),
+                 "high_freq_factor": float(params["high_freq_factor"]),
+                 "original_max_position_embeddings": int(old_len)}
+  except (KeyError, TypeError) as e:
+    raise UserError(f"{source}: rope scaling {kind!r} is missing the field {e}") from None
+  return theta, tuple(sorted(scaling.items()))
+
+
+def config_from_hf(hf_config: dict, *, dtype: str = "float32",
+                   source: str = "config.json") -> ModelConfig:
+  """Builds our ModelConfig from a Hugging Face config.json dict.
+
+  `source` names the file in error messages; `dtype` becomes the compute dtype.
+  Anything that would make our forward differ from transformers' (attention/MLP
+  biases on Llama, sliding-window layers, other activations or rope types) is a
+  UserError rather than a silent mismatch.
+  """
+  hf = hf_config
+  arch = _architecture(hf, source)
+  _, qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+
+  def need(key):
+    if key not in hf:
+      raise UserError(f"{source}: missing field {key!r} (required for {arch})")
+    return hf[key]
+
+  hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+  default_head_dim = 128 if arch == "Qwen3ForCausalLM" else hidden // heads
+  head_dim = int(hf.get("head_dim") or default_head_dim)
+  if hf.get("hidden_act", "silu") != "silu":
+    raise UserError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+  if hf.get("mlp_bias"):
+    raise UserError(f"{source}: mlp_bias=true is not supported")
+  if arch != "Qwen2ForCausalLM" and hf.get("attention_bias"):
+    raise UserError(f"{source}: attention_bias=true is not supported for {arch} "
+                    "(it adds an o_proj bias our decoder does not have)")
+  num_layers = int(need("num_hidden_layers"))
+  layer_types = hf.get("layer_types") or []
+  sliding = any(t != "full_attention" for t in layer_types) or (
+      hf.get("use_sliding_window") and hf.get("sliding_window")
+      and int(hf.get("max_window_layers", num_layers)) < num_layers)
+  if sliding:
+    raise UserError(f"{source}: sliding-window attention layers are not supported")
+  theta, scaling = _rope(hf, source)
+  try:
+    return ModelConfig(
+        vocab_size=int(need("vocab_size")),
+        num_layers=num_layers,
+        hidden=hidden,
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        mlp_hidden=int(need("intermediate_size")),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
+        dtype=str(jnp.dtype(dtype)),
+    )
+  except ValueError as e:
+    raise UserError(f"{source}: {e}") from None
+
+
+def hf_config_dict(cfg: ModelConfig, architecture: str = "LlamaForCausalLM",
+                   dtype: str = "float32", tokenizer=None,
+                   max_position_embeddings: int = 32768) -> dict:
+  """The config.json transformers needs to rebuild `cfg` as `architecture`."""
+  if architecture not in SUPPORTED_ARCHITECTURES:
+    raise UserError(f"unsupported architecture {architecture!r}; supported architectures: "
+                    f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+  model_type, qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[architecture]
+  if cfg.qk_norm != qk_norm:
+    raise UserError(f"{architecture} cannot express qk_norm={cfg.qk_norm} "
+                    "(q/k RMSNorm exists exactly in Qwen3ForCausalLM)")
+  if cfg.qkv_bias and not qkv_bias:
+    raise UserError(f"{architecture} cannot express qkv_bias=True without an o_proj bias; "
+                    "export as Qwen2ForCausalLM")
+  rope = {"rope_type": "default", **dict(cfg.rope_scaling or ())}
+  rope["rope_theta"] = cfg.rope_theta
+  out = {
+      "architectures": [architecture],
+      "model_type": model_type,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden,
+      "intermediate_size": cfg.mlp_hidden,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": max(max_position_embeddings,
+                                     int(rope.get("original_max_position_embeddings", 0))),
+      "rms_norm_eps": cfg.rms_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_parameters": rope,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "use_cache": True,
+      "dtype": str(jnp.dtype(dtype)),
+  }
+  if model_type == "llama":
+    out.update(attention_bias=False, mlp_bias=False)
+  if model_type == "qwen3":
+    out.update(attention_bias=False)
+  if model_type in ("qwen2", "qwen3"):
+    out.update(use_sliding_window=False, sliding_window=None,
+               max_window_layers=cfg.num_layers)
+  if tokenizer is not None:
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+      out[key] = getattr(tokenizer, key, None)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Reading safetensors checkpoints.
+
+
+def _expected_tensors(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, int | None, bool]]:
+  """Yields (our key path, HF tensor name, layer index or None, transpose) for `cfg`."""
+  shapes = llama.param_shapes(cfg)
+  for key in ("embed", "final_norm", "lm_head"):
+    if key in shapes:
+      name, transpose = _TOP_NAMES[key]
+      yield (key,), name, None, transpose
+  for key in shapes["layers"]:
+    name, transpose = _LAYER_NAMES[key]
+    for i in range(cfg.num_layers):
+      yield ("layers", key), f"model.layers.{i}.{name}", i, transpose
+
+
+def _tensor_files(directory: Path) -> tuple[dict[str, Path], Path]:
+  """(HF tensor name -> the safetensors file that holds it, the file that lists them)."""
+  from safetensors import safe_open
+  single, index = directory / SAFETENSORS_FILE, directory / SAFETENSORS_INDEX
+  if single.is_file():
+    with safe_open(str(single), framework="numpy") as f:
+      return {name: single for name in f.keys()}, single
+  if index.is_file():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as e:
+      raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+    files = {}
+    for name, file in weight_map.items():
+      path = directory / file
+      if not path.is_file():
+        raise UserError(f"{index}: tensor {name!r} maps to missing file {path}")
+      files[name] = path
+    return files, index
+  raise UserError(f"{directory}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} found "
+                  "(only safetensors checkpoints are supported)")
+
+
+def _ignorable(name: str, cfg: ModelConfig) -> bool:
+  # Old checkpoints store rotary buffers; tied checkpoints sometimes keep lm_head.
+  return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
+
+
+def _read_into(out: np.ndarray, handle, name: str, transpose: bool) -> None:
+  """Copies tensor `name` (transposed if asked) into the preallocated view `out`."""
+  if not transpose:
+    out[...] = handle.get_tensor(name)
+    return
+  sl = handle.get_slice(name)
+  rows = sl.get_shape()[0]  # HF [out, in] -> our [in, out]
+  step = max(1, _CHUNK_ELEMENTS // max(1, out.shape[0]))
+  for a in range(0, rows, step):
+    b = min(a + step, rows)  # safetensors slices do not clamp
+    out[:, a:b] = sl[a:b].T
+
+
+def _lookup(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def load_hf_params(directory, cfg: ModelConfig, dtype="float32", shardings=None) -> Params:
+  """Reads a HF safetensors checkpoint into our stacked params dict.
+
+  `shardings`: optional pytree matching the params (or one `jax.sharding.Sharding`
+  for all leaves); each leaf is built on the host, placed with `jax.device_put`,
+  and released before the next one is built.
+  """
+  from safetensors import safe_open
+  directory = Path(directory)
+  files, listing = _tensor_files(directory)
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  expected = list(_expected_tensors(cfg))
+  expected_names = {name for _, name, _, _ in expected}
+  shapes = llama.param_shapes(cfg)
+
+  problems = []
+  for _, name, _, _ in expected:
+    if name not in files:
+      problems.append(f"missing tensor {name!r} (not in {listing})")
+  for name, path in files.items():
+    if name not in expected_names and not _ignorable(name, cfg):
+      problems.append(f"unexpected tensor {name!r} in {path}")
+
+  with contextlib.ExitStack() as stack:
+    handles = {path: stack.enter_context(safe_open(str(path), framework="numpy"))
+               for path in sorted(set(files.values()))}
+    stored = {path: set(h.keys()) for path, h in handles.items()}
+    for path_keys, name, layer, transpose in expected:
+      if name not in files:
+        continue
+      handle = handles[files[name]]
+      if name not in stored[files[name]]:
+        problems.append(f"missing tensor {name!r} (the index maps it to {files[name]})")
+        continue
+      want = tuple(_lookup(shapes, path_keys).shape[1 if layer is not None else 0:])
+      if transpose:
+        want = want[::-1]
+      info = handle.get_slice(name)
+      got, st_dtype = tuple(info.get_shape()), info.get_dtype()
+      if got != want:
+        problems.append(f"tensor {name!r} in {files[name]} has shape {list(got)}, "
+                        f"expected {list(want)} from the config")
+      elif st_dtype not in _ST_DTYPES:
+        problems.append(f"tensor {name!r} in {files[name]} has unsupported dtype {st_dtype}")
+    if problems:
+      shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+      raise UserError(f"checkpoint {directory} does not match its config: " + "; ".join(shown))
+
+    by_leaf: dict[tuple[str, ...], list] = {}
+    for path_keys, name, layer, transpose in expected:
+      by_leaf.setdefault(path_keys, []).append((name, layer, transpose))
+    params: Params = {"layers": {}}
+    for path_keys, entries in by_leaf.items():
+      host = np.empty(_lookup(shapes, path_keys).shape, np_dtype)
+      for name, layer, transpose in entries:
+        _read_into(host if layer is None else host[layer], handles[files[name]], name, transpose)
+      if shardings is None:
+        value = jax.device_put(host)
+      elif isinstance(shardings, jax.sharding.Sharding):
+        value = jax.device_put(host, shardings)
+      else:
+        value = jax.device_put(host, _lookup(shardings, path_keys))
+      del host  # the only host copy of this leaf; the next leaf reuses the memory
+      parent = params
+      for key in path_keys[:-1]:
+        parent = parent[key]
+      parent[path_keys[-1]] = value
+    return params
+
+
+# ----------------------------------------------------------------------------
+# Writing checkpoints.
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.dtype, Callable]],
+                       metadata: dict[str, str]) -> None:
+  """Streams tensors into a safetensors file; `tensors` = (name, shape, dtype, produce)."""
+  header: dict[str, Any] = {"__metadata__": metadata}
+  offset = 0
+  for name, shape, dtype, _ in tensors:
+    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  with open(path, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for name, shape, dtype, produce in tensors:
+      for chunk in produce():
+        f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+    if f.tell() != 8 + len(blob) + offset:
+      raise RuntimeError(f"internal error writing {path}: wrong byte count")
+
+
+def save_hf_checkpoint(params: Params, cfg: ModelConfig, directory, tokenizer=None,
+                       architecture: str = "LlamaForCausalLM", dtype=None) -> Path:
+  """Writes a transformers-loadable checkpoint: config.json + model.safetensors.
+
+  Tokenizer files are added via `tokenizer.save_pretrained` when given. Everything is
+  written to a temporary sibling directory that is then renamed onto `directory`
+  (replacing an existing one), so readers never see a half-written checkpoint.
+  `dtype` casts the saved tensors (default: keep each parameter's dtype).
+  """
+  directory = Path(directory)
+  config = hf_config_dict(cfg, architecture, dtype=str(
+      jnp.dtype(dtype) if dtype is not None else params["embed"].dtype), tokenizer=tokenizer)
+  _, qkv_bias, _ = SUPPORTED_ARCHITECTURES[architecture]
+  shapes = llama.param_shapes(cfg)
+
+  def leaf(path_keys):
+    try:
+      return _lookup(params, path_keys)
+    except KeyError:
+      raise UserError(f"params have no {'/'.join(path_keys)} but the config needs it") from None
+
+  tensors = []
+  for path_keys, name, layer, transpose in _expected_tensors(cfg):
+    value = leaf(path_keys)
+    if tuple(value.shape) != tuple(_lookup(shapes, path_keys).shape):
+      raise UserError(f"param {'/'.join(path_keys)} has shape {tuple(value.shape)}, expected "
+                      f"{tuple(_lookup(shapes, path_keys).shape)}")
+    out_dtype = np.dtype(jnp.dtype(dtype) if dtype is not None else value.dtype)
+    shape = tuple(value.shape[1:] if layer is not None else value.shape)
+    shape = shape[::-1] if transpose else shape
+
+    def produce(value=value, layer=layer, transpose=transpose):
+      x = np.asarray(value[layer] if layer is not None else value)
+      yield x.T if transpose else x
+
+    tensors.append((name, shape, out_dtype, produce))
+  if qkv_bias and not cfg.qkv_bias:  # Qwen2 always has q/k/v biases: write zeros
+    K = cfg.num_kv_heads * cfg.head_dim
+    for i in range(cfg.num_layers):
+      for proj, n in (("q", cfg.num_heads * cfg.head_dim), ("k", K), ("v", K)):
+        dt = np.dtype(jnp.dtype(dtype) if dtype is not None else params["embed"].dtype)
+        tensors.append((f"model.layers.{i}.self_attn.{proj}_proj.bias", (n,), dt,
+                        lambda n=n, dt=dt: iter([np.zeros((n,), dt)])))
+
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  try:
+    os.chmod(tmp, 0o755)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_safetensors(tmp / SAFETENSORS_FILE, tensors, {"format": "pt"})
+    if tokenizer is not None:
+      tokenizer.save_pretrained(str(tmp))
+    old = None
+    if directory.exists():
+      old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+      os.rename(directory, old / directory.name)
+    os.rename(tmp, directory)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+# ----------------------------------------------------------------------------
+# One-call loading.
+
+_forward = jax.jit(llama.forward, static_argnames=("cfg",))
+
+
+@dataclasses.dataclass
+class PretrainedModel:
+  """A loaded HF checkpoint: tokenizer, our config, params and a jitted forward."""
+
+  tokenizer: Any
+  config: ModelConfig
+  params: Params
+  path: Path
+
+  def logits(self, tokens) -> jax.Array:
+    """Full causal forward from position 0: int32 [B, T] -> float32 [B, T, V]."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    return _forward(self.params, tokens, cfg=self.config).astype(jnp.float32)
+
+
+def read_hf_config(path) -> tuple[dict, Path]:
+  path = Path(path)
+  if not path.is_dir():
+    raise UserError(f"{path}: not a local checkpoint directory")
+  config_path = path / "config.json"
+  if not config_path.is_file():
+    raise UserError(f"{config_path}: not found")
+  try:
+    return json.loads(config_path.read_text()), config_path
+  except ValueError as e:
+    raise UserError(f"{config_path}: invalid JSON ({e})") from None
+
+
+def load_pretrained(path, dtype="float32", shardings=None) -> PretrainedModel:
+  """Loads a local HF checkpoint directory (never the network).
+
+  Parameters and compute use `dtype`; `.logits` always returns float32.
+  """
+  hf, config_path = read_hf_config(path)
+  cfg = config_from_hf(hf, dtype=dtype, source=str(config_path))
+  params = load_hf_params(path, cfg, dtype=dtype, shardings=shardings)
+  from transformers import AutoTokenizer
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  except Exception as e:  # transformers raises many types for a bad tokenizer dir
+    raise UserError(f"{path}: could not load the tokenizer "
+                    f"({type(e).__name__}: {e})") from None
+  return PretrainedModel(tokenizer=tokenizer, config=cfg, params=params, path=Path(path))
