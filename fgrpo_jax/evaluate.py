@@ -73,6 +73,17 @@ def evaluate_scores(scores, batch_np, slate_size, rank_size, seed=0, gain="exp")
                                       batch_np["pool_mask"], gain=gain))
 
 
+def greedy_rollout(params, batch, *, cfg, layout):
+  """One greedy rollout per prompt. A decoupled pair ({"selector", "ranker"}) runs
+  as two passes: the ranker only ever sees the selector's slate."""
+  sample = functools.partial(rollout_lib.sample, key=jax.random.key(0), cfg=cfg, layout=layout,
+                             group_size=1, greedy=True)
+  if isinstance(params, dict) and "selector" in params:
+    slate = sample(params["selector"], batch).slate[:, 0]
+    return sample(params["ranker"], batch, given_slate=slate)
+  return sample(params, batch)
+
+
 def greedy_outputs(params, arrays, *, cfg, layout, batch_size: int):
   """Greedy constrained rollouts over numpy arrays in fixed-size batches.
 
@@ -85,8 +96,7 @@ def greedy_outputs(params, arrays, *, cfg, layout, batch_size: int):
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n
     batch = {k: jnp.asarray(arrays[k][idx]) for k in keys}
-    ro = rollout_lib.sample(params, batch, jax.random.key(0), cfg=cfg, layout=layout,
-                            group_size=1, greedy=True)
+    ro = greedy_rollout(params, batch, cfg=cfg, layout=layout)
     keep = min(batch_size, n - start)
     slates.append(np.asarray(ro.slate[:keep, 0]))
     rankings.append(np.asarray(ro.ranking[:keep, 0]))

@@ -12,6 +12,7 @@ import sys
 
 # TensorFlow (pulled in by clu's TensorBoard writer) is chatty on import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -135,12 +135,15 @@ def _split_choices(choices, layout: Layout):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "group_size", "greedy"))
 def sample(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout, group_size: int,
-           temperature: float = 1.0, greedy: bool = False) -> Rollout:
+           temperature: float = 1.0, greedy: bool = False, given_slate=None) -> Rollout:
   """Samples `group_size` constrained completions per prompt.
 
   batch: dict with prompt int32 [B, P], prompt_mask bool [B, P], cand_tokens int32
   [B, C] (token naming each pool slot), pool_mask bool [B, C].
   greedy=True takes the argmax at every step (evaluation).
+  given_slate: optional int32 [B, k] — the slate is teacher-forced to these pool
+    slots (a decoupled ranker ranking a selector's slate); only the ranking is
+    sampled. Log-probs of the given slate tokens are still reported.
   """
   prompt, prompt_mask = batch["prompt"], batch["prompt_mask"]
   cand_tokens, pool_mask = batch["cand_tokens"], batch["pool_mask"]
@@ -163,6 +166,9 @@ def sample(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout, group_
     else:
       choice = jax.random.categorical(jax.random.fold_in(key, t), logp, axis=-1)
     choice = choice.astype(jnp.int32)
+    if given_slate is not None:  # slate steps come first: step t is slate slot t
+      given = given_slate[:, None, jnp.minimum(t, layout.slate_size - 1)].astype(jnp.int32)
+      choice = jnp.where(kind == CHOOSE_SLATE, given, choice)
     is_choice = kind != FORCED
     token = jnp.where(is_choice, jnp.take_along_axis(cand_bg, choice[..., None], -1)[..., 0],
                       forced[t])

@@ -30,7 +30,7 @@ from fgrpo_jax.data import tasks as tasks_lib
 from fgrpo_jax.models import llama
 from fgrpo_jax.errors import UserError
 
-ALGORITHMS = ("fgrpo", "grpo", "sft")
+ALGORITHMS = ("fgrpo", "grpo", "decoupled", "decoupled_sft", "sft")
 MODEL_KEYS = ("ids", "prompt", "prompt_mask", "cand_tokens", "pool_mask", "relevance")
 
 
@@ -152,13 +152,13 @@ def _model_batch(batch):
   return {k: batch[k] for k in ("prompt", "prompt_mask", "cand_tokens", "pool_mask")}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "supervise"),
-                   donate_argnums=0)
-def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise="relevant"):
-  """One teacher-forcing step on gold sequences (G = 1).
+def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
+               supervise="relevant", phases=(R.PHASE_GEN, R.PHASE_RANK)):
+  """One teacher-forcing update on gold sequences (G = 1) -> (params, opt_state, metrics).
 
   supervise: "relevant" puts the loss on the gold slate/ranking tokens that name a
   relevant candidate; "all" on every choice token of the gold sequence.
+  phases: which phases carry loss (a decoupled selector learns only the slate).
   """
   choices = gold_choices(batch["relevance"], batch["pool_mask"], key, layout)[:, None]
   phase_ids = jnp.broadcast_to(jnp.asarray(layout.phase_ids), choices.shape)
@@ -169,19 +169,45 @@ def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise
     phase_ids = jnp.where((choices >= 0) & (rel > 0), phase_ids, R.PHASE_NONE)
 
   def loss_fn(params):
-    lp, ent = rollout_lib.sequence_logprobs(params, _model_batch(batch), choices, cfg=cfg,
-                                            layout=layout)
-    loss = objectives.sft_loss(lp, phase_ids)
+    lp, _ = rollout_lib.sequence_logprobs(params, _model_batch(batch), choices, cfg=cfg,
+                                          layout=layout)
+    loss = objectives.sft_loss(lp, phase_ids, phases)
     # Per-phase NLL of the supervised tokens, for the logs.
     gen = objectives.sft_loss(lp, phase_ids, (R.PHASE_GEN,))
     rank = objectives.sft_loss(lp, phase_ids, (R.PHASE_RANK,))
     return loss, {"nll_gen": gen, "nll_rank": rank}
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "supervise"),
+                   donate_argnums=0)
+def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise="relevant"):
+  """SFT of the one policy that writes both phases."""
+  params, opt_state, metrics = sft_update(state.params, state.opt_state, batch, key, cfg=cfg,
+                                          layout=layout, optimizer=optimizer,
+                                          supervise=supervise)
   return TrainState(params, opt_state, state.step + 1), metrics
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "supervise"),
+                   donate_argnums=0)
+def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
+                       supervise="relevant"):
+  """SFT of a decoupled pair: the selector on gold slates, the ranker on gold rankings."""
+  out_p, out_o, metrics = {}, {}, {}
+  for role, phases, half in (("selector", (R.PHASE_GEN,), True),
+                             ("ranker", (R.PHASE_RANK,), False)):
+    out_p[role], out_o[role], m = sft_update(
+        state.params[role], state.opt_state[role], _half(batch, half), key, cfg=cfg,
+        layout=layout, optimizer=optimizer, supervise=supervise, phases=phases)
+    metrics.update({f"{role}_{k}": v for k, v in m.items()})
+  metrics["loss"] = metrics["selector_loss"] + metrics["ranker_loss"]
+  metrics["grad_norm"] = metrics["selector_grad_norm"] + metrics["ranker_grad_norm"]
+  return TrainState(out_p, out_o, state.step + 1), metrics
 
 
 def rollout_rewards(ro: rollout_lib.Rollout, relevance, s: RLSettings, rank_size: int):
@@ -201,11 +227,51 @@ def _stats(prefix, x):
   return {f"{prefix}_mean": jnp.mean(x), f"{prefix}_std": jnp.std(x)}
 
 
+def policy_update(params, opt_state, mb, ro: rollout_lib.Rollout, token_adv, groups, ref_params,
+                  *, cfg, layout, optimizer, settings: RLSettings):
+  """`settings.inner_steps` clipped-surrogate updates of one policy on its rollouts.
+
+  Returns (params, opt_state, metrics) — metrics of the first inner step, plus the
+  clip fraction and drift of the last (where the ratio is no longer 1).
+  """
+  s = settings
+  ref_lp = None
+  if ref_params is not None:
+    ref_lp, _ = rollout_lib.sequence_logprobs(ref_params, mb, ro.choices, cfg=cfg,
+                                              layout=layout, temperature=s.temperature)
+  trained = jnp.isin(ro.phase_ids, jnp.asarray([p for ids, _ in groups for p in ids]))
+
+  def loss_fn(params):
+    lp, ent = rollout_lib.sequence_logprobs(params, mb, ro.choices, cfg=cfg, layout=layout,
+                                            temperature=s.temperature)
+    loss, aux = objectives.clipped_surrogate(lp, ro.logprobs, token_adv, ro.phase_ids,
+                                             groups, s.loss, ref_lp)
+    aux["entropy"] = jnp.sum(ent * trained) / jnp.maximum(jnp.sum(trained), 1)
+    return loss, aux
+
+  for i in range(s.inner_steps):  # a few static PPO-style epochs on the same rollouts
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if i == 0:
+      metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  metrics["clip_frac"], metrics["approx_kl_old"] = aux["clip_frac"], aux["approx_kl_old"]
+  return params, opt_state, metrics
+
+
+def _advantage_stats(adv):
+  out = {}
+  for name, a in adv.items():
+    out[f"{name}_abs_mean"] = jnp.mean(jnp.abs(a))
+    out[f"{name}_zero_groups"] = jnp.mean(jnp.all(a == 0, axis=-1))
+  return out
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "settings"),
                    donate_argnums=0)
 def rl_step(state: TrainState, ref_params, batch, key, *, cfg, layout, optimizer,
             settings: RLSettings):
-  """Rollout -> rewards -> per-phase group advantages -> clipped-surrogate updates."""
+  """F-GRPO / GRPO: rollout -> rewards -> group advantages -> clipped-surrogate updates."""
   s = settings
   mb = _model_batch(batch)
   ro = rollout_lib.sample(state.params, mb, key, cfg=cfg, layout=layout,
@@ -213,36 +279,67 @@ def rl_step(state: TrainState, ref_params, batch, key, *, cfg, layout, optimizer
   r_gen, r_rank = rollout_rewards(ro, batch["relevance"], s, layout.rank_size)
   token_adv, adv = rl_advantages(r_gen, r_rank, ro.phase_ids, s)
   groups = objectives.GRPO_GROUPS if s.algorithm == "grpo" else objectives.fgrpo_groups(s.lam)
-  ref_lp = None
-  if ref_params is not None:
-    ref_lp, _ = rollout_lib.sequence_logprobs(ref_params, mb, ro.choices, cfg=cfg,
-                                              layout=layout, temperature=s.temperature)
-
-  def loss_fn(params):
-    lp, ent = rollout_lib.sequence_logprobs(params, mb, ro.choices, cfg=cfg, layout=layout,
-                                            temperature=s.temperature)
-    loss, aux = objectives.clipped_surrogate(lp, ro.logprobs, token_adv, ro.phase_ids,
-                                             groups, s.loss, ref_lp)
-    choice = ro.phase_ids != R.PHASE_TAG
-    aux["entropy"] = jnp.sum(ent * choice) / jnp.sum(choice)
-    return loss, aux
-
-  params, opt_state = state.params, state.opt_state
-  for i in range(s.inner_steps):  # a few static PPO-style epochs on the same rollouts
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    if i == 0:
-      first_aux, grad_norm = aux, optax.global_norm(grads)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "entropy": first_aux["entropy"],
-             "clip_frac": aux["clip_frac"], "approx_kl_old": aux["approx_kl_old"],
-             **_stats("reward_gen", r_gen), **_stats("reward_rank", r_rank)}
-  if "kl_ref" in first_aux:
-    metrics["kl_ref"] = first_aux["kl_ref"]
-  for name, a in adv.items():
-    metrics[f"{name}_abs_mean"] = jnp.mean(jnp.abs(a))
-    metrics[f"{name}_zero_groups"] = jnp.mean(jnp.all(a == 0, axis=-1))
+  params, opt_state, metrics = policy_update(
+      state.params, state.opt_state, mb, ro, token_adv, groups, ref_params, cfg=cfg,
+      layout=layout, optimizer=optimizer, settings=s)
+  metrics.update(**_stats("reward_gen", r_gen), **_stats("reward_rank", r_rank),
+                 **_advantage_stats(adv))
   return TrainState(params, opt_state, state.step + 1), metrics
+
+
+def _half(batch, first: bool):
+  n = jax.tree.leaves(batch)[0].shape[0]
+  cut = (n + 1) // 2
+  return jax.tree.map(lambda x: x[:cut] if first else x[cut:], batch)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "settings"),
+                   donate_argnums=0)
+def decoupled_step(state: TrainState, ref_params, batch, key, *, cfg, layout, optimizer,
+                   settings: RLSettings):
+  """Decoupled pipeline: a selector (R_gen) and a ranker (R_rank) as two policies.
+
+  params = {"selector": ..., "ranker": ...}. The rollout budget equals F-GRPO's: the
+  first half of the prompts gives G selector rollouts each; on the second half the
+  selector samples one slate per prompt and the ranker G rankings of that slate.
+  """
+  s = settings
+  k_sel, k_slate, k_rank = jax.random.split(key, 3)
+  sel, rnk = state.params["selector"], state.params["ranker"]
+  ref = {"selector": ref_params, "ranker": ref_params}
+
+  b1 = _half(batch, True)
+  mb1 = _model_batch(b1)
+  ro = rollout_lib.sample(sel, mb1, k_sel, cfg=cfg, layout=layout, group_size=s.group_size,
+                          temperature=s.temperature)
+  r_gen, _ = rollout_rewards(ro, b1["relevance"], s, layout.rank_size)
+  a_gen = R.group_advantages(r_gen, mode=s.advantage)
+  adv = R.token_advantages(ro.phase_ids, {R.PHASE_GEN: a_gen})
+  sel, sel_opt, m_sel = policy_update(sel, state.opt_state["selector"], mb1, ro, adv,
+                                      (((R.PHASE_GEN,), 1.0),), ref["selector"], cfg=cfg,
+                                      layout=layout, optimizer=optimizer, settings=s)
+
+  b2 = _half(batch, False)
+  mb2 = _model_batch(b2)
+  slate = rollout_lib.sample(state.params["selector"], mb2, k_slate, cfg=cfg, layout=layout,
+                             group_size=1, temperature=s.temperature).slate[:, 0]
+  ro2 = rollout_lib.sample(rnk, mb2, k_rank, cfg=cfg, layout=layout, group_size=s.group_size,
+                           temperature=s.temperature, given_slate=slate)
+  _, r_rank = rollout_rewards(ro2, b2["relevance"], s, layout.rank_size)
+  a_rank = R.group_advantages(r_rank, mode=s.advantage)
+  adv2 = R.token_advantages(ro2.phase_ids, {R.PHASE_RANK: a_rank})
+  rnk, rnk_opt, m_rnk = policy_update(rnk, state.opt_state["ranker"], mb2, ro2, adv2,
+                                      (((R.PHASE_RANK,), 1.0),), ref["ranker"], cfg=cfg,
+                                      layout=layout, optimizer=optimizer, settings=s)
+  metrics = {**{f"selector_{k}": v for k, v in m_sel.items()},
+             **{f"ranker_{k}": v for k, v in m_rnk.items()},
+             "grad_norm": m_sel["grad_norm"] + m_rnk["grad_norm"],
+             "clip_frac": (m_sel["clip_frac"] + m_rnk["clip_frac"]) / 2,
+             "entropy": (m_sel["entropy"] + m_rnk["entropy"]) / 2,
+             **_stats("reward_gen", r_gen), **_stats("reward_rank", r_rank),
+             **_advantage_stats({"adv_gen": a_gen, "adv_rank": a_rank})}
+  return TrainState({"selector": sel, "ranker": rnk},
+                    {"selector": sel_opt, "ranker": rnk_opt}, state.step + 1), metrics
 
 
 # ----------------------------------------------------------------------------
@@ -302,57 +399,102 @@ def _make_writer(workdir):
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
 
 
+RL_ALGORITHMS = ("fgrpo", "grpo", "decoupled")
+DECOUPLED = ("decoupled", "decoupled_sft")
+
+
+def main_stage(algorithm: str) -> str:
+  """Name of the stage after the SFT warm start: RL, or more SFT for SFT baselines."""
+  return "rl" if algorithm in RL_ALGORITHMS else "sft_more"
+
+
+def _stage_step(stage: str, config, cfg, layout, optimizer, ref_params):
+  """(step_fn(state, batch, key) -> (state, metrics), log keys) of a stage."""
+  alg = config.algorithm
+  if stage == "rl":
+    settings = RLSettings.from_config(config)
+    fn = decoupled_step if alg == "decoupled" else rl_step
+    keys = ("reward_gen_mean", "reward_rank_mean", "adv_gen_abs_mean", "clip_frac", "entropy",
+            "grad_norm")
+    return functools.partial(fn, ref_params=ref_params, cfg=cfg, layout=layout,
+                             optimizer=optimizer, settings=settings), keys
+  fn = decoupled_sft_step if (stage == "sft_more" and alg == "decoupled_sft") else sft_step
+  return (functools.partial(fn, cfg=cfg, layout=layout, optimizer=optimizer,
+                            supervise=config.sft.supervise),
+          ("loss", "nll_gen", "nll_rank", "grad_norm"))
+
+
+def _stage_sizes(stage: str, config):
+  """(steps, batch size, peak lr) of a stage. The SFT baselines' extra stage sees as
+  many gold sequences per step as RL samples rollouts (equal budgets)."""
+  if stage == "sft":
+    return config.sft.steps, config.sft.batch_size, config.sft.lr
+  if stage == "rl":
+    return config.rl.steps, config.rl.batch_prompts, config.rl.lr
+  return (config.rl.steps, config.rl.batch_prompts * config.rollout.group_size, config.sft.lr)
+
+
+def append_jsonl(path: str, record: dict) -> None:
+  if jax.process_index() == 0:
+    with open(path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
 def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer, log=print):
-  """Runs SFT or RL from `params` (resuming from the stage's checkpoints). Returns params."""
-  is_rl = stage == "rl"
-  sc = config.rl if is_rl else config.sft
-  total = sc.steps
-  batch_size = sc.batch_prompts if is_rl else sc.batch_size
-  optimizer = make_optimizer(config.optim, sc.lr, total)
+  """Runs one stage from `params`, resuming from its checkpoints. Returns the params.
+
+  stage: "sft" (warm start), "rl" (fgrpo/grpo/decoupled) or "sft_more" (the SFT
+  baselines' continuation, same number of sequences as RL's rollouts).
+  """
+  total, batch_size, lr = _stage_sizes(stage, config)
+  optimizer = make_optimizer(config.optim, lr, total)
+  # Copies: the train state's buffers are donated to the step, these must survive.
+  ref_params = (jax.tree.map(jnp.copy, params)
+                if (stage == "rl" and config.rl.kl_coef > 0) else None)
+  pair = stage != "sft" and config.algorithm in DECOUPLED
+  if pair:  # both start from the warm start
+    params = {"selector": params, "ranker": jax.tree.map(jnp.copy, params)}
+  step_fn, keys = _stage_step(stage, config, cfg, layout, optimizer, ref_params)
   ckpt = ckpt_lib.StageCheckpointer(os.path.join(workdir, "ckpt", stage),
                                     keep=config.ckpt_keep, every=config.ckpt_every)
-  state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+  opt_state = {r: optimizer.init(p) for r, p in params.items()} if pair else optimizer.init(params)
+  state = TrainState(params, opt_state, jnp.zeros((), jnp.int32))
   step0, r_params, r_opt = ckpt.restore_latest(ckpt_lib.abstract_like(state.params),
                                                ckpt_lib.abstract_like(state.opt_state))
   if step0 is not None:
     state = TrainState(r_params, r_opt, jnp.asarray(step0, jnp.int32))
     log(f"[{stage}] resumed from step {step0} ({ckpt.directory})")
   start = int(state.step)
-  ref_params = params if (is_rl and config.rl.kl_coef > 0) else None
-  settings = RLSettings.from_config(config) if is_rl else None
   train = task.splits["train"]
   val = _subset(task.splits["validation"], config.eval.val_examples, config.seed)
   n_train = train["prompt"].shape[0]
-  base_key = jax.random.fold_in(jax.random.key(config.seed), 1 if is_rl else 0)
+  stage_id = ("sft", "rl", "sft_more").index(stage)
+  base_key = jax.random.fold_in(jax.random.key(config.seed), stage_id)
   console = ConsoleLog(stage, total, start)
-  keys = (("reward_gen_mean", "reward_rank_mean", "adv_gen_abs_mean", "clip_frac", "entropy",
-           "grad_norm") if is_rl else ("loss", "nll_gen", "nll_rank", "grad_norm"))
+  history = os.path.join(workdir, "metrics.jsonl")
   gen_tokens = batch_size * config.rollout.group_size * layout.length
   t_last, step_last = time.time(), start
   for step in range(start, total):
-    batch = take_batch(train, batch_indices(config.seed, int(is_rl), step, n_train, batch_size))
-    key = jax.random.fold_in(base_key, step)
-    if is_rl:
-      state, metrics = rl_step(state, ref_params, batch, key, cfg=cfg, layout=layout,
-                               optimizer=optimizer, settings=settings)
-    else:
-      state, metrics = sft_step(state, batch, key, cfg=cfg, layout=layout, optimizer=optimizer,
-                                supervise=config.sft.supervise)
+    batch = take_batch(train, batch_indices(config.seed, stage_id, step, n_train, batch_size))
+    state, metrics = step_fn(state, batch=batch, key=jax.random.fold_in(base_key, step))
     done = step + 1
     if done % config.log_every == 0 or done == total:
-      metrics = jax.device_get(metrics)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       now = time.time()
       metrics["steps_per_s"] = (done - step_last) / max(now - t_last, 1e-9)
-      if is_rl:
+      if stage == "rl":
         metrics["gen_tokens_per_s"] = metrics["steps_per_s"] * gen_tokens
       t_last, step_last = now, done
       _write_metrics(writer, done, {f"{stage}/{k}": v for k, v in metrics.items()})
+      append_jsonl(history, {"stage": stage, "step": done, **metrics})
       log(console.line(done, metrics, keys))
-    if config.eval.every and (done % config.eval.every == 0) and done != total:
+    if config.eval.every and (done % config.eval.every == 0 or done == total):
       val_metrics = eval_lib.evaluate_model(state.params, val, cfg=cfg, layout=layout,
                                             batch_size=config.eval.batch_size,
                                             gain=config.reward.gain)
       _write_metrics(writer, done, {f"{stage}/val_{k}": v for k, v in val_metrics.items()})
+      append_jsonl(history, {"stage": stage, "step": done,
+                             **{f"val_{k}": v for k, v in val_metrics.items()}})
       log(f"[{stage}] step {done}/{total} | validation hit@1 {val_metrics['hit@1']:.4f} "
           f"ndcg@5 {val_metrics['ndcg@5']:.4f} slate_recall {val_metrics['slate_recall']:.4f}")
     ckpt.save(done, state.params, state.opt_state, force=(done == total))
@@ -414,6 +556,7 @@ def run(config, workdir: str, log=print) -> dict:
   writer = _make_writer(workdir) if jax.process_index() == 0 else None
   params = llama.init_params(cfg, jax.random.key(config.seed))
 
+  stage2 = main_stage(config.algorithm)
   if config.mode == "train":
     if config.sft.init_from:
       params = load_stage_params(config.sft.init_from, "sft", params)
@@ -421,25 +564,17 @@ def run(config, workdir: str, log=print) -> dict:
     elif config.sft.steps:
       params = run_stage("sft", params=params, task=task, cfg=cfg, layout=layout,
                          config=config, workdir=workdir, writer=writer, log=log)
-    if config.algorithm in ("fgrpo", "grpo") and config.rl.steps:
-      params = run_stage("rl", params=params, task=task, cfg=cfg, layout=layout,
+    if config.rl.steps:
+      params = run_stage(stage2, params=params, task=task, cfg=cfg, layout=layout,
                          config=config, workdir=workdir, writer=writer, log=log)
   else:
-    for stage in ("rl", "sft"):
-      restored = load_stage_params(workdir, stage, params, missing_ok=True)
-      if restored is not None:
-        params = restored
-        log(f"[eval] evaluating the latest {stage} params of {workdir}")
-        break
-    else:
-      log(f"[eval] no checkpoint in {workdir}: evaluating the initial parameters")
+    params = _latest_params(workdir, stage2, params, config, log)
 
   test = _subset(task.splits["test"], config.eval.test_examples, config.seed + 1)
   metrics = eval_lib.evaluate_model(params, test, cfg=cfg, layout=layout,
                                     batch_size=config.eval.batch_size, gain=config.reward.gain)
   oracle, refs = reference_metrics(task, test, config)
-  steps = (config.sft.steps if not config.sft.init_from else 0) + (
-      config.rl.steps if config.algorithm in ("fgrpo", "grpo") else 0)
+  steps = (0 if config.sft.init_from else config.sft.steps) + config.rl.steps
   result = {"algorithm": config.algorithm, "task": task.name, "dataset": task.dataset,
             "split": "test", "metrics": metrics, "oracle": oracle, "references": refs,
             "steps": int(steps) if config.mode == "train" else 0,
@@ -458,6 +593,20 @@ def run(config, workdir: str, log=print) -> dict:
   if config.eval.show_examples:
     show_examples(params, task, test, config, cfg, layout, config.eval.show_examples, log)
   return result
+
+
+def _latest_params(workdir, stage2, params, config, log):
+  """Parameters of the most advanced checkpoint in workdir (eval mode)."""
+  decoupled = {"selector": params, "ranker": params}
+  like = decoupled if config.algorithm in DECOUPLED else params
+  for stage in (stage2, "sft"):
+    restored = load_stage_params(workdir, stage, params if stage == "sft" else like,
+                                 missing_ok=True)
+    if restored is not None:
+      log(f"[eval] evaluating the latest {stage} params of {workdir}")
+      return restored
+  log(f"[eval] no checkpoint in {workdir}: evaluating the initial parameters")
+  return params
 
 
 def load_stage_params(workdir: str, stage: str, like_params, missing_ok: bool = False):
