@@ -3,16 +3,29 @@
     python -m fgrpo_jax.main --config=configs/recsys.py --workdir=runs/recsys
     python -m fgrpo_jax.main --config=configs/recsys.py:tiny --workdir=/tmp/t
     python -m fgrpo_jax.main --config=configs/recsys.py --config.algorithm=grpo ...
+    python -m fgrpo_jax.compare --config=configs/recsys.py:ablate_lambda --workdir=runs/abl
 
-Variants (the part after the colon): `default` (finishes on a 2-core CPU in under
-10 minutes) and `tiny` (seconds; used by the tests).
+Variants (after the colon, comma-separated to combine, e.g. `tiny,ablate_lambda`):
+`default` (finishes on a 2-core CPU in under 10 minutes), `tiny` (seconds; used by
+the tests), and the ablations of `fgrpo_jax.compare`: `ablate_lambda` (lambda in
+0.25/0.5/1/2), `ablate_slate` (k in 5/10/15), `ablate_advantage` (mean vs std),
+`ablate_ratio` (token vs per-phase ratio).
 """
 
 import ml_collections
 
 
+ABLATIONS = {
+    "ablate_lambda": ("reward.lam", (0.25, 0.5, 1.0, 2.0)),
+    "ablate_slate": ("rollout.slate_size", (5, 10, 15)),
+    "ablate_advantage": ("reward.advantage", ("mean", "std")),
+    "ablate_ratio": ("rl.ratio", ("token", "phase")),
+}
+
+
 def get_config(arg=None):
-  variant = arg or "default"
+  variants = [v for v in (arg or "default").split(",") if v]
+  variant = ",".join(variants)
   c = ml_collections.ConfigDict()
   c.variant = variant  # which named variant built this config (informational)
   c.algorithm = "fgrpo"  # fgrpo | grpo | decoupled | sft
@@ -95,18 +108,37 @@ def get_config(arg=None):
   c.ckpt_every = 100  # Orbax checkpoint every N steps
   c.ckpt_keep = 2  # checkpoints kept per stage
 
-  if variant == "tiny":
-    c.data.update(num_items=60, num_clusters=6, num_user_types=4, num_users=600,
-                  seq_len=12, history_len=6)
-    c.model.update(num_layers=1, hidden=32, num_heads=2, num_kv_heads=1, head_dim=16,
-                   mlp_hidden=64)
-    c.rollout.update(slate_size=4, rank_size=2, group_size=4)
-    c.data.pool_size = 8
-    c.sft.update(steps=60, batch_size=32)
-    c.rl.update(steps=10, batch_prompts=8)
-    c.eval.update(every=0, val_examples=64, test_examples=256, batch_size=128)
-    c.log_every = 5
-    c.ckpt_every = 5
-  elif variant != "default":
-    raise ValueError(f"unknown variant {variant!r} of configs/recsys.py (default, tiny)")
+  c.compare = ml_collections.ConfigDict()
+  c.compare.seeds = 3  # seeds per run in fgrpo_jax.compare
+  c.compare.algorithms = "fgrpo,grpo,decoupled,decoupled_sft,sft"  # runs of the table
+  c.compare.pointwise = True  # also train the SASRec-like pointwise reference
+  c.compare.sweep_field = ""  # ablation: dotted config field to sweep ("" = algorithms)
+  c.compare.sweep_values = ()  # ablation: the values of sweep_field
+  c.compare.sweep_algorithm = "fgrpo"  # ablation: the algorithm run at each value
+
+  for v in variants:
+    if v == "default":
+      continue
+    if v == "tiny":
+      c.data.update(num_items=60, num_clusters=6, num_user_types=4, num_users=600,
+                    seq_len=12, history_len=6)
+      c.model.update(num_layers=1, hidden=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                     mlp_hidden=64)
+      c.rollout.update(slate_size=4, rank_size=2, group_size=4)
+      c.data.pool_size = 8
+      c.sft.update(steps=60, batch_size=32)
+      c.rl.update(steps=10, batch_prompts=8)
+      c.eval.update(every=0, val_examples=64, test_examples=256, batch_size=128)
+      c.compare.seeds = 2
+      c.log_every = 5
+      c.ckpt_every = 5
+    elif v in ABLATIONS:
+      field, values = ABLATIONS[v]
+      if v == "ablate_slate" and "tiny" in variants:
+        values = (2, 4, 6)  # within the tiny pool of 8
+      c.compare.sweep_field = field
+      c.compare.sweep_values = values
+    else:
+      raise ValueError(f"unknown variant {v!r} of configs/recsys.py "
+                       f"(default, tiny, {', '.join(ABLATIONS)})")
   return c

@@ -93,14 +93,26 @@ def model_config(config, vocab_size: int) -> llama.ModelConfig:
 
 
 def make_optimizer(optim, peak_lr: float, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warmup, cosine decay and global-norm clipping."""
-  warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+  """AdamW with linear warmup, cosine decay and global-norm clipping.
+
+  Cached on its values: the optimizer is a static argument of the jitted steps, so
+  an equal optimizer must be the same object for the compiled step to be reused.
+  """
+  return _optimizer(int(optim.warmup_steps), float(optim.weight_decay), float(optim.b1),
+                    float(optim.b2), float(optim.grad_clip), float(optim.final_lr_frac),
+                    float(peak_lr), int(total_steps))
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer(warmup_steps, weight_decay, b1, b2, grad_clip, final_lr_frac, peak_lr,
+               total_steps):
+  warmup = min(warmup_steps, max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=peak_lr * optim.final_lr_frac)
+      decay_steps=max(total_steps, warmup + 1), end_value=peak_lr * final_lr_frac)
   return optax.chain(
-      optax.clip_by_global_norm(optim.grad_clip),
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+      optax.clip_by_global_norm(grad_clip),
+      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +192,7 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+  return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "supervise"),
@@ -252,7 +264,7 @@ def policy_update(params, opt_state, mb, ro: rollout_lib.Rollout, token_adv, gro
   for i in range(s.inner_steps):  # a few static PPO-style epochs on the same rollouts
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     if i == 0:
-      metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+      metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
   metrics["clip_frac"], metrics["approx_kl_old"] = aux["clip_frac"], aux["approx_kl_old"]

@@ -1,0 +1,219 @@
+"""The comparison table: every algorithm, several seeds, one command.
+
+    python -m fgrpo_jax.compare --config=configs/recsys.py --workdir=DIR
+    python -m fgrpo_jax.compare --config=configs/recsys.py:ablate_lambda --workdir=DIR
+
+Per seed, the SFT warm start is trained once and every algorithm starts from it
+(equal budgets: the same warm start, the same number of sampled sequences). Each
+run is an ordinary `fgrpo_jax.main` job in DIR/seed_<s>/<run>/, so it resumes if
+interrupted. Writes DIR/compare.json (per run, per metric: mean, std, per-seed
+values), DIR/compare.md (the table) and DIR/curves.png (per-phase rewards and
+validation Hit@1 against steps, shaded across seeds).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+TABLE_KEYS = ("hit@1", "hit@3", "hit@5", "ndcg@1", "ndcg@3", "ndcg@5", "recall@3", "recall@5",
+              "slate_recall", "slate_miss", "rank_drop")
+
+
+def _set_field(config, dotted: str, value):
+  node = config
+  *path, last = dotted.split(".")
+  for p in path:
+    node = node[p]
+  node[last] = type(node[last])(value) if not isinstance(node[last], str) else str(value)
+
+
+def planned_runs(config) -> list[tuple[str, dict]]:
+  """(run name, {dotted field: value}) for each run of one seed."""
+  cmp = config.compare
+  if cmp.sweep_field:
+    return [(f"{cmp.sweep_algorithm}[{cmp.sweep_field.split('.')[-1]}={v}]",
+             {"algorithm": cmp.sweep_algorithm, cmp.sweep_field: v})
+            for v in cmp.sweep_values]
+  return [(a, {"algorithm": a}) for a in cmp.algorithms.split(",") if a]
+
+
+def summarize(values: list[float]) -> dict:
+  arr = np.asarray(values, np.float64)
+  return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+          "values": [float(v) for v in arr]}
+
+
+def _aggregate(per_seed: dict[str, list[dict]]) -> dict:
+  out = {}
+  for name, results in per_seed.items():
+    keys = sorted(set.intersection(*(set(r) for r in results)))
+    out[name] = {k: summarize([r[k] for r in results]) for k in keys}
+  return out
+
+
+def markdown_table(agg: dict, order: list[str], seeds: int) -> str:
+  head = ["run"] + list(TABLE_KEYS) + ["wall time (s)"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name in order:
+    if name not in agg:
+      continue
+    row = [name]
+    for k in TABLE_KEYS:
+      m = agg[name].get(k)
+      row.append("" if m is None else f"{m['mean']:.3f} ± {m['std']:.3f}")
+    wt = agg[name].get("wall_time_s")
+    row.append("" if wt is None else f"{wt['mean']:.0f}")
+    lines.append("| " + " | ".join(row) + " |")
+  lines.append("")
+  lines.append(f"Mean ± sample std over {seeds} seed(s); references are score-based policies "
+               "(slate = top-k, ranking = top-m) on the same test examples.")
+  return "\n".join(lines)
+
+
+def read_history(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(histories: dict[str, list[list[dict]]], path: str) -> None:
+  """Per-phase RL rewards and validation Hit@1 against steps, one line per run."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  panels = (("reward_gen_mean", "R_gen (slate coverage)"),
+            ("reward_rank_mean", "R_rank (NDCG of the ranking)"),
+            ("val_hit@1", "validation Hit@1"))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for ax, (key, title) in zip(axes, panels):
+    for name, seeds in histories.items():
+      curves = []
+      for hist in seeds:
+        pts = {r["step"]: r[key] for r in hist if key in r and r["stage"] != "sft"}
+        if pts:
+          curves.append(pts)
+      if not curves:
+        continue
+      steps = sorted(set.intersection(*(set(c) for c in curves)))
+      if not steps:
+        continue
+      vals = np.array([[c[s] for s in steps] for c in curves])
+      mean, std = vals.mean(0), vals.std(0)
+      ax.plot(steps, mean, label=name, marker="o" if len(steps) < 10 else None)
+      ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    ax.set_title(title)
+    ax.set_xlabel("step after the SFT warm start")
+    ax.grid(alpha=0.3)
+  axes[-1].legend(fontsize=8)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, path)
+  plt.close(fig)
+
+
+def run_compare(config, workdir: str, log=print) -> dict:
+  from fgrpo_jax import pointwise
+  from fgrpo_jax import train
+  from fgrpo_jax.data import tasks as tasks_lib
+  os.makedirs(workdir, exist_ok=True)
+  runs = planned_runs(config)
+  for name, fields in runs:  # fail fast on a bad variant, before hours of training
+    trial = copy.deepcopy(config)
+    for f, v in fields.items():
+      _set_field(trial, f, v)
+    train.validate_config(trial)
+  per_seed: dict[str, list[dict]] = {}
+  histories: dict[str, list[list[dict]]] = {}
+  order = [n for n, _ in runs]
+  t0 = time.time()
+  for seed in range(config.compare.seeds):
+    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    warm = os.path.join(seed_dir, "warm_start")
+    base = copy.deepcopy(config)
+    base.seed = seed
+    warm_cfg = copy.deepcopy(base)
+    warm_cfg.rl.steps = 0
+    log(f"== seed {seed}: SFT warm start")
+    train.run(warm_cfg, warm, log=log)
+    for name, fields in runs:
+      cfg = copy.deepcopy(base)
+      for f, v in fields.items():
+        _set_field(cfg, f, v)
+      cfg.sft.init_from = warm
+      run_dir = os.path.join(seed_dir, name.replace("/", "_"))
+      log(f"== seed {seed}: {name}")
+      result = train.run(cfg, run_dir, log=log)
+      per_seed.setdefault(name, []).append({**result["metrics"],
+                                            "wall_time_s": result["wall_time_s"]})
+      histories.setdefault(name, []).append(read_history(run_dir))
+    # References on the same test examples (they need no training but the pointwise one).
+    with open(os.path.join(warm, "eval.json")) as f:
+      warm_result = json.load(f)
+    per_seed.setdefault("sft warm start", []).append(warm_result["metrics"])
+    if warm_result["oracle"]:
+      per_seed.setdefault("oracle", []).append(warm_result["oracle"])
+    for ref, metrics in warm_result["references"].items():
+      per_seed.setdefault(ref, []).append(metrics)
+    if config.compare.pointwise and warm_result["task"] == "recsys":
+      task = tasks_lib.load_task(base)
+      mcfg = train.model_config(base, task.vocab_size)
+      t_pw = time.time()
+      params = pointwise.train_pointwise(task, base, mcfg,
+                                         steps=base.sft.steps + base.rl.steps, log=log)
+      test = train._subset(task.splits["test"], base.eval.test_examples, base.seed + 1)
+      from fgrpo_jax import evaluate
+      scores = pointwise.pointwise_scores(params, task, test, mcfg)
+      m = evaluate.evaluate_scores(scores, test, base.rollout.slate_size, base.rollout.rank_size,
+                                   base.seed, base.reward.gain)
+      m["wall_time_s"] = time.time() - t_pw
+      per_seed.setdefault("pointwise (SASRec-like)", []).append(m)
+  order += ["sft warm start", "pointwise (SASRec-like)", "oracle", "popularity", "random", "bm25"]
+  agg = _aggregate(per_seed)
+  result = {"config_variant": config.get("variant", ""), "seeds": config.compare.seeds,
+            "runs": agg, "order": [n for n in order if n in agg],
+            "wall_time_s": round(time.time() - t0, 1)}
+  train.write_json_atomic(os.path.join(workdir, "compare.json"), result)
+  table = markdown_table(agg, order, config.compare.seeds)
+  with open(os.path.join(workdir, "compare.md.tmp"), "w") as f:
+    f.write(table + "\n")
+  os.replace(os.path.join(workdir, "compare.md.tmp"), os.path.join(workdir, "compare.md"))
+  plot_curves(histories, os.path.join(workdir, "curves.png"))
+  log(table)
+  log(f"[compare] {time.time() - t0:.0f}s, wrote compare.json, compare.md, curves.png "
+      f"in {workdir}")
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from fgrpo_jax.errors import UserError
+  try:
+    run_compare(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)
