@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/python -m fgrpo_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: install
 	$(BIN)/python benchmarks/rewards.py

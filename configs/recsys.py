@@ -76,6 +76,7 @@ def get_config(arg=None):
   c.sft.batch_size = 64  # sequences per SFT step
   c.sft.lr = 3e-3  # peak learning rate of the SFT stage
   c.sft.supervise = "relevant"  # loss on gold tokens naming relevant candidates | all
+  c.sft.slate_order = "random"  # gold slate order: random | relevant_first
   c.sft.init_from = ""  # workdir of an earlier run whose SFT params to reuse (skips SFT)
 
   c.rl = ml_collections.ConfigDict()
@@ -103,6 +104,11 @@ def get_config(arg=None):
   c.eval.test_examples = 0  # test examples in the final evaluation (0 = all)
   c.eval.batch_size = 256  # prompts per evaluation batch
   c.eval.show_examples = 0  # print N decoded test rollouts at the end
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis size (-1 = all devices not used by the others)
+  c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis size
+  c.mesh.tensor = 1  # tensor-parallel axis size (heads, MLP width, vocab)
 
   c.log_every = 10  # metrics every N steps
   c.ckpt_every = 100  # Orbax checkpoint every N steps

@@ -186,7 +186,8 @@ def spec_for(name: str, shape: Sequence[int], axis_sizes: Mapping[str, int],
              rules=DEFAULT_RULES) -> P:
   """PartitionSpec of one parameter: first rule fully matching `name`, fitted to `shape`."""
   for pattern, spec in rules:
-    if re.fullmatch(pattern, name):
+    # Any prefix is allowed (a decoupled pair nests params under selector/ranker).
+    if re.fullmatch(rf"(?:.*/)?(?:{pattern})", name):
       return fit_spec(spec, shape, axis_sizes, name)
   key = ("no rule", name)
   if key not in _logged:

@@ -26,6 +26,7 @@ from fgrpo_jax import evaluate as eval_lib
 from fgrpo_jax import objectives
 from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout as rollout_lib
+from fgrpo_jax import sharding
 from fgrpo_jax.data import tasks as tasks_lib
 from fgrpo_jax.models import llama
 from fgrpo_jax.errors import UserError
@@ -70,7 +71,8 @@ def validate_config(config, pool_size: int | None = None):
                       f"C={C} (config.data.pool_size)")
   choices = {"reward.coverage": ("recall", "f1"), "reward.rank_metric": ("ndcg", "hit", "mrr"),
              "reward.gain": ("exp", "linear"), "reward.advantage": ("mean", "std", "rloo"),
-             "rl.ratio": ("token", "phase"), "sft.supervise": ("relevant", "all"), "rl.kl_estimator": ("k1", "k3"),
+             "rl.ratio": ("token", "phase"), "sft.supervise": ("relevant", "all"),
+             "sft.slate_order": ("random", "relevant_first"), "rl.kl_estimator": ("k1", "k3"),
              "model.dtype": ("float32", "bfloat16"), "model.remat": ("none", "full")}
   for field, allowed in choices.items():
     section, name = field.split(".")
@@ -147,16 +149,25 @@ class RLSettings:
 # Pure step functions.
 
 
-def gold_choices(relevance, pool_mask, key, layout: rollout_lib.Layout):
+def gold_choices(relevance, pool_mask, key, layout: rollout_lib.Layout,
+                 slate_order: str = "random"):
   """A gold sequence for teacher forcing. relevance/pool_mask [B, C] -> choices [B, T].
 
-  Slate: the relevant candidates (most relevant first) then random other pool
-  members; ranking: the first m of that slate, i.e. relevant ones first.
+  The gold slate holds the relevant candidates and random other pool members; the
+  gold ranking is its top-m by relevance (relevant ones first). slate_order
+  "random" shuffles the slate (its order carries no meaning, and the ranker must
+  then find the relevant members instead of copying the first slate slots);
+  "relevant_first" writes the relevant ones first.
   """
-  noise = jax.random.uniform(key, relevance.shape)
+  k_fill, k_order = jax.random.split(key)
+  noise = jax.random.uniform(k_fill, relevance.shape)
   score = jnp.where(pool_mask, relevance * 4.0 + noise, -1.0)  # noise < 1 <= relevance gap
-  _, slate = jax.lax.top_k(score, layout.slate_size)
-  ranking = slate[..., :layout.rank_size]
+  top_scores, by_relevance = jax.lax.top_k(score, layout.slate_size)
+  ranking = by_relevance[..., :layout.rank_size]
+  slate = by_relevance
+  if slate_order == "random":
+    perm = jnp.argsort(jax.random.uniform(k_order, by_relevance.shape), axis=-1)
+    slate = jnp.take_along_axis(by_relevance, perm, axis=-1)
   return rollout_lib.choices_from_slate_ranking(slate, ranking, layout)
 
 
@@ -165,14 +176,17 @@ def _model_batch(batch):
 
 
 def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
-               supervise="relevant", phases=(R.PHASE_GEN, R.PHASE_RANK)):
+               supervise="relevant", slate_order="random",
+               phases=(R.PHASE_GEN, R.PHASE_RANK)):
   """One teacher-forcing update on gold sequences (G = 1) -> (params, opt_state, metrics).
 
   supervise: "relevant" puts the loss on the gold slate/ranking tokens that name a
   relevant candidate; "all" on every choice token of the gold sequence.
+  slate_order: order of the gold slate (see gold_choices).
   phases: which phases carry loss (a decoupled selector learns only the slate).
   """
-  choices = gold_choices(batch["relevance"], batch["pool_mask"], key, layout)[:, None]
+  choices = gold_choices(batch["relevance"], batch["pool_mask"], key, layout,
+                         slate_order)[:, None]
   phase_ids = jnp.broadcast_to(jnp.asarray(layout.phase_ids), choices.shape)
   if supervise == "relevant":
     # Filler candidates of the gold slate are context, not targets: supervising
@@ -195,27 +209,29 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "supervise"),
-                   donate_argnums=0)
-def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise="relevant"):
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "supervise",
+                                             "slate_order"), donate_argnums=0)
+def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise="relevant",
+             slate_order="random"):
   """SFT of the one policy that writes both phases."""
   params, opt_state, metrics = sft_update(state.params, state.opt_state, batch, key, cfg=cfg,
                                           layout=layout, optimizer=optimizer,
-                                          supervise=supervise)
+                                          supervise=supervise, slate_order=slate_order)
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "supervise"),
-                   donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "supervise",
+                                             "slate_order"), donate_argnums=0)
 def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
-                       supervise="relevant"):
+                       supervise="relevant", slate_order="random"):
   """SFT of a decoupled pair: the selector on gold slates, the ranker on gold rankings."""
   out_p, out_o, metrics = {}, {}, {}
   for role, phases, half in (("selector", (R.PHASE_GEN,), True),
                              ("ranker", (R.PHASE_RANK,), False)):
     out_p[role], out_o[role], m = sft_update(
         state.params[role], state.opt_state[role], _half(batch, half), key, cfg=cfg,
-        layout=layout, optimizer=optimizer, supervise=supervise, phases=phases)
+        layout=layout, optimizer=optimizer, supervise=supervise, slate_order=slate_order,
+        phases=phases)
     metrics.update({f"{role}_{k}": v for k, v in m.items()})
   metrics["loss"] = metrics["selector_loss"] + metrics["ranker_loss"]
   metrics["grad_norm"] = metrics["selector_grad_norm"] + metrics["ranker_grad_norm"]
@@ -372,8 +388,13 @@ def batch_indices(seed: int, stage: int, step: int, n: int, batch_size: int) -> 
   return np.asarray(idx, np.int64)
 
 
+def host_batch(arrays, idx):
+  """The model inputs of rows idx, as numpy (this host's part of a global batch)."""
+  return {k: arrays[k][idx] for k in MODEL_KEYS[1:]}
+
+
 def take_batch(arrays, idx):
-  return {k: jnp.asarray(arrays[k][idx]) for k in MODEL_KEYS[1:]}
+  return {k: jnp.asarray(v) for k, v in host_batch(arrays, idx).items()}
 
 
 def _subset(arrays, n: int, seed: int):
@@ -420,19 +441,18 @@ def main_stage(algorithm: str) -> str:
   return "rl" if algorithm in RL_ALGORITHMS else "sft_more"
 
 
-def _stage_step(stage: str, config, cfg, layout, optimizer, ref_params):
-  """(step_fn(state, batch, key) -> (state, metrics), log keys) of a stage."""
+def _stage_step(stage: str, config, cfg, layout, optimizer):
+  """(jitted step, its static kwargs, whether it takes ref_params, log keys) of a stage."""
   alg = config.algorithm
+  static = {"cfg": cfg, "layout": layout, "optimizer": optimizer}
   if stage == "rl":
-    settings = RLSettings.from_config(config)
-    fn = decoupled_step if alg == "decoupled" else rl_step
     keys = ("reward_gen_mean", "reward_rank_mean", "adv_gen_abs_mean", "clip_frac", "entropy",
             "grad_norm")
-    return functools.partial(fn, ref_params=ref_params, cfg=cfg, layout=layout,
-                             optimizer=optimizer, settings=settings), keys
+    fn = decoupled_step if alg == "decoupled" else rl_step
+    return fn, {**static, "settings": RLSettings.from_config(config)}, True, keys
   fn = decoupled_sft_step if (stage == "sft_more" and alg == "decoupled_sft") else sft_step
-  return (functools.partial(fn, cfg=cfg, layout=layout, optimizer=optimizer,
-                            supervise=config.sft.supervise),
+  return (fn, {**static, "supervise": config.sft.supervise,
+               "slate_order": config.sft.slate_order}, False,
           ("loss", "nll_gen", "nll_rank", "grad_norm"))
 
 
@@ -452,7 +472,8 @@ def append_jsonl(path: str, record: dict) -> None:
       f.write(json.dumps(record) + "\n")
 
 
-def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer, log=print):
+def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer, mesh,
+              log=print):
   """Runs one stage from `params`, resuming from its checkpoints. Returns the params.
 
   stage: "sft" (warm start), "rl" (fgrpo/grpo/decoupled) or "sft_more" (the SFT
@@ -460,22 +481,30 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
   """
   total, batch_size, lr = _stage_sizes(stage, config)
   optimizer = make_optimizer(config.optim, lr, total)
+  rep = sharding.replicated(mesh)
+  params = sharding.shard_params(params, mesh)
   # Copies: the train state's buffers are donated to the step, these must survive.
   ref_params = (jax.tree.map(jnp.copy, params)
                 if (stage == "rl" and config.rl.kl_coef > 0) else None)
   pair = stage != "sft" and config.algorithm in DECOUPLED
   if pair:  # both start from the warm start
     params = {"selector": params, "ranker": jax.tree.map(jnp.copy, params)}
-  step_fn, keys = _stage_step(stage, config, cfg, layout, optimizer, ref_params)
+    opt_state = {r: sharding.init_opt_state(optimizer, p, mesh) for r, p in params.items()}
+  else:
+    opt_state = sharding.init_opt_state(optimizer, params, mesh)
+  step_fn, static, takes_ref, keys = _stage_step(stage, config, cfg, layout, optimizer)
   ckpt = ckpt_lib.StageCheckpointer(os.path.join(workdir, "ckpt", stage),
                                     keep=config.ckpt_keep, every=config.ckpt_every)
-  opt_state = {r: optimizer.init(p) for r, p in params.items()} if pair else optimizer.init(params)
-  state = TrainState(params, opt_state, jnp.zeros((), jnp.int32))
+  state = TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), rep))
   step0, r_params, r_opt = ckpt.restore_latest(ckpt_lib.abstract_like(state.params),
                                                ckpt_lib.abstract_like(state.opt_state))
   if step0 is not None:
-    state = TrainState(r_params, r_opt, jnp.asarray(step0, jnp.int32))
+    state = TrainState(r_params, r_opt, jax.device_put(jnp.asarray(step0, jnp.int32), rep))
     log(f"[{stage}] resumed from step {step0} ({ckpt.directory})")
+  if mesh.size > 1:  # keep the state's layout fixed from step to step
+    step_fn = sharding.pin_state_shardings(step_fn, sharding.train_state_shardings(state, mesh),
+                                           static_argnames=tuple(static))
+  ref_args = (ref_params,) if takes_ref else ()
   start = int(state.step)
   train = task.splits["train"]
   val = _subset(task.splits["validation"], config.eval.val_examples, config.seed)
@@ -487,8 +516,10 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
   gen_tokens = batch_size * config.rollout.group_size * layout.length
   t_last, step_last = time.time(), start
   for step in range(start, total):
-    batch = take_batch(train, batch_indices(config.seed, stage_id, step, n_train, batch_size))
-    state, metrics = step_fn(state, batch=batch, key=jax.random.fold_in(base_key, step))
+    idx = batch_indices(config.seed, stage_id, step, n_train, batch_size)
+    batch = sharding.shard_batch(host_batch(train, idx[sharding.process_batch_slice(batch_size)]),
+                                 mesh)
+    state, metrics = step_fn(state, *ref_args, batch, jax.random.fold_in(base_key, step), **static)
     done = step + 1
     if done % config.log_every == 0 or done == total:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -565,8 +596,15 @@ def run(config, workdir: str, log=print) -> dict:
   cfg = model_config(config, task.vocab_size)
   log(f"task {task.dataset}: {task.info} | model {llama.count_params(llama.param_shapes(cfg))/1e6:.2f}M"
       f" params | devices {jax.devices()}")
+  mesh = sharding.make_mesh(config.get("mesh"))
+  shards = sharding.batch_shards(mesh)
+  for field in ("sft.batch_size", "rl.batch_prompts", "eval.batch_size"):
+    section, name = field.split(".")
+    if config[section][name] % shards:
+      raise ConfigError(f"config.{field}={config[section][name]} must be a multiple of "
+                        f"data*fsdp={shards} (config.mesh)")
   writer = _make_writer(workdir) if jax.process_index() == 0 else None
-  params = llama.init_params(cfg, jax.random.key(config.seed))
+  params = sharding.init_sharded_params(cfg, jax.random.key(config.seed), mesh)
 
   stage2 = main_stage(config.algorithm)
   if config.mode == "train":
@@ -575,10 +613,10 @@ def run(config, workdir: str, log=print) -> dict:
       log(f"[sft] using SFT params of {config.sft.init_from}")
     elif config.sft.steps:
       params = run_stage("sft", params=params, task=task, cfg=cfg, layout=layout,
-                         config=config, workdir=workdir, writer=writer, log=log)
+                         config=config, workdir=workdir, writer=writer, mesh=mesh, log=log)
     if config.rl.steps:
       params = run_stage(stage2, params=params, task=task, cfg=cfg, layout=layout,
-                         config=config, workdir=workdir, writer=writer, log=log)
+                         config=config, workdir=workdir, writer=writer, mesh=mesh, log=log)
   else:
     params = _latest_params(workdir, stage2, params, config, log)
 

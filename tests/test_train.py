@@ -97,13 +97,20 @@ def test_gold_choices_put_relevant_first():
   relevance = jnp.array([[0, 0, 1, 0, 0, 0.0], [0, 2, 0, 0, 1, 0]])
   pool_mask = jnp.array([[True] * 6, [True] * 5 + [False]])
   for seed in range(5):
-    choices = np.asarray(train.gold_choices(relevance, pool_mask, jax.random.key(seed), layout))
-    slate, ranking = choices[:, :4], choices[:, 6:8]
-    assert slate[0, 0] == 2 and ranking[0, 0] == 2
-    assert list(slate[1, :2]) == [1, 4] and list(ranking[1]) == [1, 4]
-    assert 5 not in slate[1]
-    for row in slate:
-      assert len(set(row.tolist())) == 4
+    for order in ("relevant_first", "random"):
+      choices = np.asarray(train.gold_choices(relevance, pool_mask, jax.random.key(seed), layout,
+                                              order))
+      slate, ranking = choices[:, :4], choices[:, 6:8]
+      assert ranking[0, 0] == 2 and list(ranking[1]) == [1, 4]
+      assert 2 in slate[0] and {1, 4} <= set(slate[1].tolist()) and 5 not in slate[1]
+      if order == "relevant_first":
+        assert slate[0, 0] == 2 and list(slate[1, :2]) == [1, 4]
+      for row in slate:
+        assert len(set(row.tolist())) == 4
+  # Random order puts the relevant candidate at every slate position over seeds.
+  positions = {int(np.argmax(np.asarray(train.gold_choices(
+      relevance, pool_mask, jax.random.key(s), layout))[0, :4] == 2)) for s in range(40)}
+  assert positions == {0, 1, 2, 3}
 
 
 def test_batch_indices_cover_epochs_and_are_pure():
