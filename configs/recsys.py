@@ -72,7 +72,7 @@ def get_config(arg=None):
   c.reward.advantage = "mean"  # group advantage: mean (Dr. GRPO) | std | rloo
 
   c.sft = ml_collections.ConfigDict()
-  c.sft.steps = 600  # teacher-forcing steps on gold sequences before RL
+  c.sft.steps = 1000  # teacher-forcing steps on gold sequences before RL
   c.sft.batch_size = 64  # sequences per SFT step
   c.sft.lr = 3e-3  # peak learning rate of the SFT stage
   c.sft.supervise = "relevant"  # loss on gold tokens naming relevant candidates | all
