@@ -119,3 +119,27 @@ def test_batch_indices_cover_epochs_and_are_pure():
   np.testing.assert_array_equal(np.concatenate(a), np.concatenate(b))
   first_epoch = np.concatenate(a)[:10]
   assert sorted(first_epoch.tolist()) == list(range(10))
+
+
+def test_sigkill_after_first_checkpoint_then_resume_is_exact(tiny_run, tmp_path):
+  """A run killed with SIGKILL and restarted ends with the uninterrupted run's metrics."""
+  import signal
+  import time
+  _, uninterrupted, _ = tiny_run
+  workdir = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "fgrpo_jax.main", "--config=configs/recsys.py:tiny",
+         f"--workdir={workdir}"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  first = os.path.join(workdir, "ckpt", "sft", "5")
+  deadline = time.time() + 300
+  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(workdir, "eval.json"))
+  resumed = _main(workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "[sft] resumed from step" in resumed.stdout
+  with open(os.path.join(workdir, "eval.json")) as f:
+    assert json.load(f)["metrics"] == uninterrupted["metrics"]

@@ -1,0 +1,399 @@
+"""Shared pieces of the model benchmarks (rollout.py, rl_step.py, hf_generate.py).
+
+One place for: the command-line flags of the workload, the random workload
+(weights, prompts, pools, relevance), the device / library-version header, the
+timing loop, the analytic FLOP counts, the measured matmul peak, peak memory and
+table printing.
+
+The workload: B random prompts of exactly `--prompt-len` tokens, laid out like
+fgrpo_jax/data/prompts.py (no padding):
+
+    <bos> <hist> h_1 … h_n <pool> c_1 … c_C <slate>
+
+so the last C tokens before the final tag are the pool's candidate tokens (C
+distinct item tokens per prompt) and n = prompt_len - C - 4 history tokens.
+Random float32 weights, untied embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:
+  from fgrpo_jax.models import llama
+except ImportError:  # running from a checkout without `pip install -e .`
+  sys.path.insert(0, REPO)
+  from fgrpo_jax.models import llama
+from fgrpo_jax import rollout as rollout_lib
+from fgrpo_jax.data import prompts as prompts_lib
+
+# Special tokens, as in fgrpo_jax/data/prompts.py; items start after them.
+BOS, HIST, POOL, SLATE = prompts_lib.BOS, prompts_lib.HIST, prompts_lib.POOL, prompts_lib.SLATE
+ITEM_OFFSET = len(prompts_lib.SPECIAL_TOKENS)
+PROMPT_TAGS = 4  # <bos> <hist> <pool> <slate>
+
+DEFAULTS = dict(layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64, mlp=768, vocab=1000,
+                prompts=4, group=8, prompt_len=64, pool=20, slate=10, rank=5, seed=0)
+
+
+# ----------------------------------------------------------------------------
+# Flags.
+
+
+def add_workload_flags(p: argparse.ArgumentParser, repeats: int = 10) -> None:
+  """The flags every model benchmark takes (the workload and the timing)."""
+  d = DEFAULTS
+  g = p.add_argument_group("model (random float32 weights, untied embeddings)")
+  g.add_argument("--layers", type=int, default=d["layers"], help="decoder layers L")
+  g.add_argument("--hidden", type=int, default=d["hidden"], help="residual width")
+  g.add_argument("--heads", type=int, default=d["heads"], help="query heads H")
+  g.add_argument("--kv-heads", type=int, default=d["kv_heads"], help="key/value heads K")
+  g.add_argument("--head-dim", type=int, default=d["head_dim"], help="per-head width D")
+  g.add_argument("--mlp", type=int, default=d["mlp"], help="SwiGLU inner width F")
+  g.add_argument("--vocab", type=int, default=d["vocab"], help="vocabulary size V")
+  g = p.add_argument_group("workload")
+  g.add_argument("--prompts", type=int, default=d["prompts"], help="prompts per batch B")
+  g.add_argument("--group", type=int, default=d["group"], help="rollouts per prompt G")
+  g.add_argument("--prompt-len", type=int, default=d["prompt_len"],
+                 help="prompt tokens P, pool and tags included (>= pool + 4)")
+  g.add_argument("--pool", type=int, default=d["pool"], help="candidates per prompt C")
+  g.add_argument("--slate", type=int, default=d["slate"], help="slate size k")
+  g.add_argument("--rank", type=int, default=d["rank"], help="ranking length m")
+  g.add_argument("--seed", type=int, default=d["seed"], help="seed of weights and data")
+  g = p.add_argument_group("timing / output")
+  g.add_argument("--repeats", type=int, default=repeats,
+                 help=f"timed calls after the warm-up; the median is reported (default {repeats})")
+  g.add_argument("--peak-size", type=int, default=2048,
+                 help="N of the N x N float32 matmul timed as the device's matmul peak")
+  g.add_argument("--json", action="store_true", help="print exactly one JSON line")
+
+
+def check_workload(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+  """parser.error (exit 2, one line) on an impossible workload."""
+  positive = ("layers", "hidden", "heads", "kv_heads", "head_dim", "mlp", "vocab", "prompts",
+              "group", "prompt_len", "pool", "slate", "rank", "repeats")
+  for name in positive:
+    if getattr(a, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be >= 1")
+  if a.heads % a.kv_heads:
+    p.error(f"--heads ({a.heads}) must be a multiple of --kv-heads ({a.kv_heads})")
+  if a.head_dim % 2:
+    p.error(f"--head-dim ({a.head_dim}) must be even (rotary)")
+  if not 1 <= a.rank <= a.slate <= a.pool:
+    p.error(f"need 1 <= --rank ({a.rank}) <= --slate ({a.slate}) <= --pool ({a.pool})")
+  if a.prompt_len < a.pool + PROMPT_TAGS:
+    p.error(f"--prompt-len ({a.prompt_len}) must be >= --pool + {PROMPT_TAGS} "
+            f"({a.pool + PROMPT_TAGS}): the prompt holds the pool and 4 tags")
+  if a.vocab < ITEM_OFFSET + a.pool:
+    p.error(f"--vocab ({a.vocab}) must be >= {ITEM_OFFSET} special tokens + --pool ({a.pool})")
+
+
+# ----------------------------------------------------------------------------
+# The workload.
+
+
+def model_config(a) -> llama.ModelConfig:
+  return llama.ModelConfig(vocab_size=a.vocab, num_layers=a.layers, hidden=a.hidden,
+                           num_heads=a.heads, num_kv_heads=a.kv_heads, head_dim=a.head_dim,
+                           mlp_hidden=a.mlp, tie_embeddings=False, dtype="float32")
+
+
+def layout(slate: int, rank: int) -> rollout_lib.Layout:
+  """Two mid tags (</slate> <rank>) and one end tag (</rank>), as in data/prompts.py."""
+  return rollout_lib.Layout(slate_size=slate, rank_size=rank,
+                            mid_tags=(prompts_lib.SLATE_END, prompts_lib.RANK),
+                            end_tags=(prompts_lib.RANK_END,))
+
+
+def make_batch(num_prompts: int, prompt_len: int, pool: int, vocab: int, seed: int,
+               relevance: bool = False) -> dict[str, np.ndarray]:
+  """Random prompts of exactly `prompt_len` tokens ending `<pool> c_1 … c_C <slate>`.
+
+  Returns numpy prompt int32 [B, P], prompt_mask bool [B, P] (all True),
+  cand_tokens int32 [B, C] (distinct item tokens), pool_mask bool [B, C] (all
+  True) and, with relevance=True, relevance float32 [B, C] (~30% relevant,
+  graded 1..3, at least one relevant per prompt).
+  """
+  rng = np.random.default_rng(seed)
+  n_items = vocab - ITEM_OFFSET
+  hist_len = prompt_len - pool - PROMPT_TAGS
+  if hist_len < 0 or n_items < pool:
+    raise ValueError("prompt_len must be >= pool + 4 and vocab >= pool + 8")
+  cands = np.stack([rng.choice(n_items, pool, replace=False) for _ in range(num_prompts)])
+  cands = (cands + ITEM_OFFSET).astype(np.int32)
+  hist = rng.integers(ITEM_OFFSET, vocab, (num_prompts, hist_len)).astype(np.int32)
+  col = lambda t: np.full((num_prompts, 1), t, np.int32)
+  prompt = np.concatenate([col(BOS), col(HIST), hist, col(POOL), cands, col(SLATE)], axis=1)
+  assert prompt.shape == (num_prompts, prompt_len)
+  batch = {"prompt": prompt, "prompt_mask": np.ones(prompt.shape, bool),
+           "cand_tokens": cands, "pool_mask": np.ones(cands.shape, bool)}
+  if relevance:
+    rel = np.where(rng.random((num_prompts, pool)) < 0.3,
+                   rng.integers(1, 4, (num_prompts, pool)), 0).astype(np.float32)
+    rows, cols = np.arange(num_prompts), rng.integers(0, pool, num_prompts)
+    rel[rows, cols] = np.maximum(rel[rows, cols], 1.0)
+    batch["relevance"] = rel
+  return batch
+
+
+def device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def model_batch(batch):
+  return {k: batch[k] for k in ("prompt", "prompt_mask", "cand_tokens", "pool_mask")}
+
+
+def load_config(name: str = "default"):
+  """configs/recsys.py:get_config(name), imported by path (configs/ is no package)."""
+  spec = importlib.util.spec_from_file_location("_fgrpo_recsys_config",
+                                                os.path.join(REPO, "configs", "recsys.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(name)
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+
+
+@dataclasses.dataclass
+class Timing:
+  compile_s: float  # first call (trace + compile + one run)
+  median_s: float
+  times: list[float]
+  result: Any = None  # the output of the last call
+
+  @property
+  def min_s(self) -> float:
+    return min(self.times)
+
+
+def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
+  """First call = compile (timed separately), `warmup` more untimed calls, then
+  `repeats` timed calls, each blocked until ready."""
+  return time_interleaved({"fn": fn}, repeats, warmup)["fn"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
+                     warmup: int = 1) -> dict[str, Timing]:
+  """Times several calls in alternation (a b, b a, a b, ...) so that each sees the
+  same share of a noisy machine; the ratio of their medians is then fair even
+  when other jobs come and go. Compile (first call) and warm-up as in time_call."""
+  compile_s, out = {}, {}
+  for name, fn in fns.items():
+    t0 = time.perf_counter()
+    out[name] = jax.block_until_ready(fn())
+    compile_s[name] = time.perf_counter() - t0
+  for _ in range(warmup):
+    for name, fn in fns.items():
+      out[name] = jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  order = list(fns)
+  for r in range(repeats):
+    for name in (order if r % 2 == 0 else order[::-1]):
+      t0 = time.perf_counter()
+      out[name] = jax.block_until_ready(fns[name]())
+      times[name].append(time.perf_counter() - t0)
+  return {name: Timing(compile_s[name], statistics.median(times[name]), times[name], out[name])
+          for name in fns}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+  """FLOP/s of an n x n float32 matmul on the default device: the 'peak' we compare
+  to. The best (fastest) call counts, as a peak should (the median is reported too)."""
+  x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  y = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.dot)
+  t = time_call(lambda: f(x, y), repeats)
+  flops = 2.0 * n ** 3
+  return {"matmul_n": n, "matmul_flops_per_s": flops / t.min_s,
+          "matmul_median_flops_per_s": flops / t.median_s}
+
+
+def best_peak(*peaks: dict[str, float]) -> dict[str, float]:
+  """The best of several matmul_peak measurements (taken at different moments)."""
+  return max(peaks, key=lambda d: d["matmul_flops_per_s"])
+
+
+# ----------------------------------------------------------------------------
+# Analytic matmul FLOPs (2 per multiply-add), counting what the code executes:
+# attention over all key slots of its buffers (masked ones included).
+
+
+def _dense_per_token(cfg: llama.ModelConfig) -> float:
+  h, H, K, D, F = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_hidden
+  return 2.0 * (h * H * D + 2 * h * K * D + H * D * h + 3 * h * F)
+
+
+def _attn_per_pair(cfg: llama.ModelConfig) -> float:
+  return 4.0 * cfg.num_heads * cfg.head_dim  # q.k and p.v
+
+
+def prefill_flops(cfg, n_prompts: int, P: int, logits_per_prompt: int = 1) -> float:
+  L = cfg.num_layers
+  layers = L * n_prompts * (P * _dense_per_token(cfg) + P * P * _attn_per_pair(cfg))
+  return layers + n_prompts * logits_per_prompt * 2.0 * cfg.hidden * cfg.vocab_size
+
+
+def decode_flops(cfg, n_seqs: int, P: int, T: int, steps: int | None = None) -> float:
+  """`steps` decode steps (default T - 1) of n_seqs sequences, each attending to the
+  P prefix slots and all T slots of its decode cache."""
+  steps = T - 1 if steps is None else steps
+  per_token = (cfg.num_layers * (_dense_per_token(cfg) + (P + T) * _attn_per_pair(cfg))
+               + 2.0 * cfg.hidden * cfg.vocab_size)
+  return steps * n_seqs * per_token
+
+
+def rollout_flops(cfg, B: int, G: int, P: int, T: int, shared: bool = True) -> float:
+  """Shared prefill: B prompts; naive: B*G prompts. Then T-1 decode steps of B*G."""
+  return prefill_flops(cfg, B if shared else B * G, P) + decode_flops(cfg, B * G, P, T)
+
+
+def completion_forward_flops(cfg, B: int, G: int, P: int, T: int) -> float:
+  """llama.completion_logits: prefill B prompts, then G*(T-1) completion tokens
+  attending to P prefix + T-1 own slots, logits of every completion token."""
+  L = cfg.num_layers
+  pre = prefill_flops(cfg, B, P)
+  comp = B * G * (T - 1) * (L * (_dense_per_token(cfg) + (P + T - 1) * _attn_per_pair(cfg))
+                            + 2.0 * cfg.hidden * cfg.vocab_size)
+  return pre + comp
+
+
+def full_forward_flops(cfg, n: int, S: int) -> float:
+  """llama.forward on n sequences of S tokens (logits at every position)."""
+  return prefill_flops(cfg, n, S, logits_per_prompt=S)
+
+
+# ----------------------------------------------------------------------------
+# Memory, header, output.
+
+
+def memory_stats() -> dict[str, Any]:
+  """Peak resident memory of this process (and the device allocator's, if any)."""
+  out: dict[str, Any] = {
+      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # noqa: BLE001 - not every backend has it
+    stats = None
+  if stats:
+    for key in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit"):
+      if key in stats:
+        out[f"device_{key}"] = int(stats[key])
+  out["device_memory_stats"] = bool(stats)
+  return out
+
+
+def _version(module: str) -> str | None:
+  try:
+    from importlib import metadata
+    return metadata.version(module)
+  except Exception:  # noqa: BLE001
+    return None
+
+
+def versions(extra: Sequence[str] = ()) -> dict[str, str]:
+  out = {"python": platform.python_version()}
+  for name in ("jax", "jaxlib", "flax", "optax", "numpy", *extra):
+    v = _version(name)
+    if v:
+      out[name] = v
+  return out
+
+
+def device_string() -> str:
+  dev = jax.devices()[0]
+  return f"{dev.platform}:{getattr(dev, 'device_kind', '') or 'unknown'}"
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def meta(extra_versions: Sequence[str] = ()) -> dict[str, Any]:
+  return {"device": device_string(), "n_devices": jax.device_count(),
+          "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+          "load_avg_1m": round(os.getloadavg()[0], 2),
+          "versions": versions(extra_versions)}
+
+
+def workload_dict(a) -> dict[str, Any]:
+  return {k: getattr(a, k) for k in DEFAULTS}
+
+
+def header(title: str, m: dict[str, Any], a=None) -> str:
+  v = ", ".join(f"{k} {x}" for k, x in m["versions"].items())
+  lines = [f"# {title}",
+           f"device {m['device']} (x{m['n_devices']}), {m['cpu']}, {m['cpu_count']} CPUs, "
+           f"1-min load average {m['load_avg_1m']}",
+           v]
+  if a is not None:
+    lines.append(f"model: L={a.layers} hidden={a.hidden} H={a.heads} K={a.kv_heads} "
+                 f"D={a.head_dim} F={a.mlp} V={a.vocab} (float32, random weights) | "
+                 f"workload: B={a.prompts} G={a.group} P={a.prompt_len} C={a.pool} "
+                 f"k={a.slate} m={a.rank} | median of {a.repeats} after warm-up")
+  return "\n".join(lines)
+
+
+def print_json(obj: dict) -> None:
+  print(json.dumps(obj, sort_keys=True, default=float))
+
+
+def fmt(x: Any) -> str:
+  if isinstance(x, str):
+    return x
+  if isinstance(x, (int, np.integer)):
+    return f"{x:,}"
+  x = float(x)
+  if x == 0:
+    return "0"
+  if abs(x) >= 1000:
+    return f"{x:,.0f}"
+  if abs(x) >= 10:
+    return f"{x:.1f}"
+  if abs(x) >= 0.01:
+    return f"{x:.3f}"
+  return f"{x:.2e}"
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> str:
+  """A Markdown table (first column left-aligned, the rest right-aligned)."""
+  cells = [[fmt(c) for c in r] for r in rows]
+  widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c)
+            for i, c in enumerate(columns)]
+  out = [f"\n{title}\n"] if title else []
+  out.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(columns, widths))) + " |")
+  out.append("|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":")
+                            for i, w in enumerate(widths)) + "|")
+  for r in cells:
+    out.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(r, widths))) + " |")
+  return "\n".join(out)
+
+
+def gflops(x: float) -> str:
+  return f"{x / 1e9:.2f}"
