@@ -128,11 +128,11 @@ def get_config(arg=None):
     if v == "tiny":
       c.data.update(num_items=60, num_clusters=6, num_user_types=4, num_users=600,
                     seq_len=12, history_len=6)
-      c.model.update(num_layers=1, hidden=32, num_heads=2, num_kv_heads=1, head_dim=16,
-                     mlp_hidden=64)
+      c.model.update(num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                     mlp_hidden=128)
       c.rollout.update(slate_size=4, rank_size=2, group_size=4)
       c.data.pool_size = 8
-      c.sft.update(steps=60, batch_size=32)
+      c.sft.update(steps=150, batch_size=32)
       c.rl.update(steps=10, batch_prompts=8)
       c.eval.update(every=0, val_examples=64, test_examples=256, batch_size=128)
       c.compare.seeds = 2
