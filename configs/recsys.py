@@ -4,17 +4,21 @@
     python -m fgrpo_jax.main --config=configs/recsys.py:tiny --workdir=/tmp/t
     python -m fgrpo_jax.main --config=configs/recsys.py --config.algorithm=grpo ...
     python -m fgrpo_jax.compare --config=configs/recsys.py:ablate_lambda --workdir=runs/abl
+    python -m fgrpo_jax.main --config=configs/recsys.py:movielens \
+        --config.data.path=/data/ml-1m --workdir=runs/ml1m
 
 Variants (after the colon, comma-separated to combine, e.g. `tiny,ablate_lambda`):
 `default` (finishes on a 2-core CPU in under 10 minutes), `tiny` (seconds; used by
 the tests), and the ablations of `fgrpo_jax.compare`: `ablate_lambda` (lambda in
 0.25/0.5/1/2), `ablate_slate` (k in 5/10/15), `ablate_advantage` (mean vs std),
-`ablate_ratio` (token vs per-phase ratio).
+`ablate_ratio` (token vs per-phase ratio); `movielens`, `lastfm`, `amazon` read a
+published dataset from `--config.data.path` (docs/datasets.md lists the formats).
 """
 
 import ml_collections
 
 
+REAL = ("movielens", "lastfm", "amazon")  # variants reading a published dataset
 ABLATIONS = {
     "ablate_lambda": ("reward.lam", (0.25, 0.5, 1.0, 2.0)),
     "ablate_slate": ("rollout.slate_size", (5, 10, 15)),
@@ -44,6 +48,16 @@ def get_config(arg=None):
   c.data.history_len = 10  # items of history shown in the prompt (last H)
   c.data.pool_size = 20  # C: candidates per example (the target + C-1 negatives)
   c.data.negatives = "uniform"  # how negatives are sampled: uniform | popularity
+  c.data.kcore = 5  # real data: repeatedly drop users and items with < k interactions (0/1 = off)
+  c.data.min_rating = 0.0  # real data: drop interactions rated below this (0 = keep all)
+  c.data.dedup = "first"  # real data: repeats of a user-item pair: first | consecutive | none
+  c.data.min_history = 2  # real data: fewest history items of a training example
+  c.data.max_train_per_user = 0  # real data: keep a user's most recent N training targets (0 = all)
+  c.data.category = ""  # amazon: review category when the folder holds several (e.g. Beauty)
+  c.data.skip_bad_lines = False  # real data: skip (and count) malformed lines instead of stopping
+  # training batches: memory (rows drawn by a pure function of the step) | grain (streamed
+  # from the prepared array_record files, one shard per host, iterator state checkpointed)
+  c.data.loader = "memory"  # memory | grain (prepared datasets only)
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 2  # decoder layers
@@ -138,6 +152,12 @@ def get_config(arg=None):
       c.compare.seeds = 2
       c.log_every = 5
       c.ckpt_every = 5
+    elif v in REAL:
+      c.data.name = v  # read from --config.data.path (see docs/datasets.md)
+      c.data.history_len = 20
+      c.model.update(num_layers=4, hidden=256, num_heads=8, num_kv_heads=4, mlp_hidden=768)
+      c.sft.steps = 3000
+      c.rl.steps = 500
     elif v in ABLATIONS:
       field, values = ABLATIONS[v]
       if v == "ablate_slate" and "tiny" in variants:
@@ -146,5 +166,5 @@ def get_config(arg=None):
       c.compare.sweep_values = values
     else:
       raise ValueError(f"unknown variant {v!r} of configs/recsys.py "
-                       f"(default, tiny, {', '.join(ABLATIONS)})")
+                       f"(default, tiny, {', '.join(REAL + tuple(ABLATIONS))})")
   return c

@@ -73,7 +73,8 @@ def validate_config(config, pool_size: int | None = None):
              "reward.gain": ("exp", "linear"), "reward.advantage": ("mean", "std", "rloo"),
              "rl.ratio": ("token", "phase"), "sft.supervise": ("relevant", "all"),
              "sft.slate_order": ("random", "relevant_first"), "rl.kl_estimator": ("k1", "k3"),
-             "model.dtype": ("float32", "bfloat16"), "model.remat": ("none", "full")}
+             "model.dtype": ("float32", "bfloat16"), "model.remat": ("none", "full"),
+             "data.loader": ("memory", "grain")}
   for field, allowed in choices.items():
     section, name = field.split(".")
     value = config[section][name]
@@ -506,19 +507,23 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
                                            static_argnames=tuple(static))
   ref_args = (ref_params,) if takes_ref else ()
   start = int(state.step)
+  stage_id = ("sft", "rl", "sft_more").index(stage)
+  stream = _train_stream(task, config, stage, stage_id, batch_size, start, workdir, log)
   train = task.splits["train"]
   val = _subset(task.splits["validation"], config.eval.val_examples, config.seed)
   n_train = train["prompt"].shape[0]
-  stage_id = ("sft", "rl", "sft_more").index(stage)
   base_key = jax.random.fold_in(jax.random.key(config.seed), stage_id)
   console = ConsoleLog(stage, total, start)
   history = os.path.join(workdir, "metrics.jsonl")
   gen_tokens = batch_size * config.rollout.group_size * layout.length
   t_last, step_last = time.time(), start
   for step in range(start, total):
-    idx = batch_indices(config.seed, stage_id, step, n_train, batch_size)
-    batch = sharding.shard_batch(host_batch(train, idx[sharding.process_batch_slice(batch_size)]),
-                                 mesh)
+    if stream is None:
+      idx = batch_indices(config.seed, stage_id, step, n_train, batch_size)
+      rows = host_batch(train, idx[sharding.process_batch_slice(batch_size)])
+    else:  # this host's rows, read from its shard of the array_record files
+      rows = {k: v for k, v in next(stream).items() if k in MODEL_KEYS}
+    batch = sharding.shard_batch(rows, mesh)
     state, metrics = step_fn(state, *ref_args, batch, jax.random.fold_in(base_key, step), **static)
     done = step + 1
     if done % config.log_every == 0 or done == total:
@@ -540,9 +545,47 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
                              **{f"val_{k}": v for k, v in val_metrics.items()}})
       log(f"[{stage}] step {done}/{total} | validation hit@1 {val_metrics['hit@1']:.4f} "
           f"ndcg@5 {val_metrics['ndcg@5']:.4f} slate_recall {val_metrics['slate_recall']:.4f}")
-    ckpt.save(done, state.params, state.opt_state, force=(done == total))
+    saved = ckpt.save(done, state.params, state.opt_state, force=(done == total))
+    if saved and stream is not None:
+      _save_stream_state(workdir, stage, done, stream.get_state())
   ckpt.close()
   return state.params
+
+
+def _stream_state_path(workdir: str, stage: str, step: int) -> str:
+  return os.path.join(workdir, "ckpt", f"{stage}_data", f"{step}.{jax.process_index()}.json")
+
+
+def _save_stream_state(workdir: str, stage: str, step: int, state) -> None:
+  """The grain iterator state of this host at a checkpointed step (temp file + rename)."""
+  path = _stream_state_path(workdir, stage, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  write_json_atomic(path, state)
+
+
+def _train_stream(task, config, stage: str, stage_id: int, batch_size: int, start: int,
+                  workdir: str, log):
+  """config.data.loader="grain": this host's iterator over the training split, positioned
+  at step `start` (from its saved state, else by replaying `start` batches). None for
+  the in-memory loader."""
+  if config.data.get("loader", "memory") != "grain":
+    return None
+  if task.stream is None:
+    raise ConfigError(f"config.data.loader=grain streams prepared data; {task.dataset} is "
+                      "generated in memory (use config.data.loader=memory)")
+  stream = task.stream("train", batch_size // jax.process_count(),
+                       seed=config.seed * 1000 + stage_id, shard_index=jax.process_index(),
+                       shard_count=jax.process_count())
+  if start:
+    path = _stream_state_path(workdir, stage, start)
+    if os.path.exists(path):
+      with open(path) as f:
+        stream.set_state(json.load(f))
+    else:
+      log(f"[{stage}] no data iterator state for step {start}: replaying {start} batches")
+      for _ in range(start):
+        next(stream)
+  return stream
 
 
 def reference_metrics(task, arrays, config) -> tuple[dict | None, dict]:
@@ -590,7 +633,7 @@ def run(config, workdir: str, log=print) -> dict:
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
-  task = tasks_lib.load_task(config)
+  task = tasks_lib.load_task(config, workdir, log)
   validate_config(config, pool_size=task.pool_size)
   layout = task.layout_fn(config.rollout.slate_size, config.rollout.rank_size)
   cfg = model_config(config, task.vocab_size)

@@ -32,6 +32,9 @@ class Task:
   vocab_size: tokens the model must embed; layout_fn(k, m) -> rollout.Layout;
   reference_fns: name -> fn(split arrays) -> scores [N, C] (higher = better);
   describe: fn(split arrays, row, slate, ranking) -> readable text of one rollout.
+  stream: for prepared (cached) datasets, fn(split, batch_size, *, seed, shard_index,
+    shard_count) -> a grain iterator of this host's batches of model arrays, with
+    get_state / set_state (config.data.loader="grain"); None for generated data.
   """
 
   name: str
@@ -42,6 +45,7 @@ class Task:
   reference_fns: dict[str, Callable[[dict], np.ndarray]]
   describe: Callable[..., str]
   info: dict = dataclasses.field(default_factory=dict)
+  stream: Callable[..., Any] | None = None
 
   @property
   def pool_size(self) -> int:
@@ -62,9 +66,25 @@ def _recsys_split_arrays(examples, builder: prompts_lib.ItemTokenPrompts) -> dic
   return arrays
 
 
-def recsys_task(dataset, name: str) -> Task:
+def _streamer(cache_dir: str, transform):
+  """Task.stream over a prepared cache: grain batches mapped to model arrays."""
+  from fgrpo_jax.data import pipeline
+
+  def stream(split, batch_size, *, seed, shard_index, shard_count):
+    return pipeline.make_batch_iterator(cache_dir, split, batch_size, seed=seed,
+                                        shard_index=shard_index, shard_count=shard_count,
+                                        transform=transform)
+  return stream
+
+
+def recsys_task(dataset, name: str, cache_dir: str | None = None) -> Task:
   """Wraps a RecsysDataset (synthetic or prepared real data) into a Task."""
   builder = prompts_lib.ItemTokenPrompts(num_items=dataset.num_items)
+
+  def model_arrays(rows):
+    out = builder.build(rows["history"], rows["pool"])
+    out["relevance"] = np.asarray(rows["relevance"], np.float32)
+    return out
   splits = {s: _recsys_split_arrays(getattr(dataset, s), builder) for s in SPLITS}
   popularity = np.asarray(dataset.item_popularity, np.float64)
   names = list(dataset.item_names)
@@ -90,11 +110,85 @@ def recsys_task(dataset, name: str) -> Task:
   info.update({f"{s}_examples": len(getattr(dataset, s)) for s in SPLITS})
   return Task(name="recsys", dataset=name, splits=splits, vocab_size=builder.vocab_size,
               layout_fn=builder.layout, reference_fns=references, describe=describe,
-              info=info)
+              info=info, stream=_streamer(cache_dir, model_arrays) if cache_dir else None)
 
 
-def load_task(config) -> Task:
-  """Builds the task named by config.data.name (one clear error if unknown)."""
+def qa_task(prepared, name: str) -> Task:
+  """Wraps a prepared passage-pool QA dataset (multihop_qa.PreparedQA) into a Task.
+
+  Prompts are word-level text (text_prompts); references: random, popularity
+  (passages that were supporting most often in training), bm25 (over the passage
+  texts, the question as the query) and, for the synthetic task, the oracle via
+  oracle_scores.
+  """
+  from fgrpo_jax import references as refs_lib
+
+  builder = prepared.prompts
+
+  def bm25(arrays):
+    texts = prepared.texts(arrays["example_id"])
+    return refs_lib.bm25_scores([t["question"] for t in texts],
+                                [t["passages"] for t in texts])
+
+  def describe(arrays, row, slate, ranking, rewards_text=""):
+    (text,) = prepared.texts(arrays["example_id"][row:row + 1])
+    rel = arrays["relevance"][row]
+    passages = text["passages"]
+    short = lambda c: " ".join((passages[c] or "").split()[:12])
+    mark = lambda c: f"[P{c + 1}]{'*' if rel[c] > 0 else ''}"
+    lines = [f"question: {text['question']}"]
+    lines += [f"  {mark(c):<6s} {short(c)}" for c in range(len(passages))
+              if passages[c] is not None]
+    lines += [f"slate   : {' '.join(mark(c) for c in slate if c >= 0)}   (* supporting)",
+              f"ranking : {' '.join(mark(c) for c in ranking if c >= 0)}"]
+    if rewards_text:
+      lines.append(f"rewards : {rewards_text}")
+    return "\n".join(lines)
+
+  support_counts: dict[str, int] = {}
+
+  def popularity(arrays):
+    # How often each passage text is a supporting passage in the training split; the
+    # QA analogue of item popularity (near random when facts are not reused).
+    if not support_counts:
+      train = prepared.splits["train"]
+      support_counts[""] = 0
+      for text, rel in zip(prepared.texts(train["example_id"]), train["relevance"]):
+        for p, r in zip(text["passages"], rel):
+          if p is not None and r > 0:
+            support_counts[p] = support_counts.get(p, 0) + 1
+    texts = prepared.texts(arrays["example_id"])
+    return np.array([[support_counts.get(p, 0) if p is not None else -np.inf
+                      for p in t["passages"]] for t in texts], np.float64)
+
+  references = {"random": lambda a: np.zeros(a["pool_mask"].shape),
+                "popularity": popularity, "bm25": bm25}
+  info = {"vocab_size": builder.vocab_size, "prompt_len": builder.prompt_len,
+          "cache_dir": prepared.dir}
+  info.update({f"{s}_examples": int(prepared.splits[s]["prompt"].shape[0]) for s in SPLITS})
+  def model_arrays(rows):
+    n = rows["prompt"].shape[0]
+    return {"prompt": rows["prompt"], "prompt_mask": rows["prompt_mask"].astype(bool),
+            "pool_mask": rows["pool_mask"].astype(bool), "relevance": rows["relevance"],
+            "cand_tokens": np.broadcast_to(builder.slot_ids, (n, builder.pool_size)).copy()}
+
+  return Task(name="multihop_qa", dataset=name, splits=prepared.splits,
+              vocab_size=builder.vocab_size, layout_fn=builder.layout,
+              reference_fns=references, describe=describe, info=info,
+              stream=_streamer(prepared.dir, model_arrays))
+
+
+KNOWN = ("synthetic_recsys", "movielens", "lastfm", "amazon", "synthetic_qa", "hotpotqa",
+         "musique", "2wiki")
+
+
+def load_task(config, workdir: str | None = None, log=print) -> Task:
+  """Builds the task named by config.data.name (one clear error if unknown).
+
+  Real datasets and the synthetic QA task are prepared once into a cache under
+  config.data.cache_dir, else <workdir>/data_cache (see fgrpo_jax/data/cache.py);
+  `log` receives the preparation's counts.
+  """
   d = config.data
   if d.name == "synthetic_recsys":
     from fgrpo_jax.data import synthetic_recsys
@@ -103,4 +197,16 @@ def load_task(config) -> Task:
         num_users=d.num_users, seq_len=d.seq_len, history_len=d.history_len,
         pool_size=d.pool_size, negatives=d.negatives, seed=config.seed)
     return recsys_task(dataset, d.name)
-  raise UserError(f"config.data.name: unknown dataset {d.name!r} (known: synthetic_recsys)")
+  if d.name in ("movielens", "lastfm", "amazon"):
+    from fgrpo_jax.data import recsys_real
+    dataset = recsys_real.load(config, workdir, log)
+    task = recsys_task(dataset, d.name, cache_dir=dataset.info["cache_dir"])
+    task.info.update(variant=dataset.info["variant"], cache_dir=dataset.info["cache_dir"])
+    return task
+  if d.name == "synthetic_qa":
+    from fgrpo_jax.data import synthetic_qa
+    return qa_task(synthetic_qa.prepare(config, workdir, log), d.name)
+  if d.name in ("hotpotqa", "musique", "2wiki"):
+    from fgrpo_jax.data import multihop_qa
+    return qa_task(multihop_qa.prepare(config, workdir, log), d.name)
+  raise UserError(f"config.data.name: unknown dataset {d.name!r} (known: {', '.join(KNOWN)})")

@@ -1,0 +1,92 @@
+"""F-GRPO on multi-hop QA: rank the supporting passages of a pool of 20.
+
+    python -m fgrpo_jax.main --config=configs/multihop_qa.py --workdir=runs/qa
+    python -m fgrpo_jax.main --config=configs/multihop_qa.py:tiny --workdir=/tmp/qa
+    python -m fgrpo_jax.main --config=configs/multihop_qa.py:hotpotqa \
+        --config.data.path=/data/hotpotqa --workdir=runs/hotpotqa
+
+Variants (the part after the colon): `default` (the embedded synthetic task,
+nothing to download; finishes on a 2-core CPU in under 15 minutes), `tiny`
+(seconds; used by the tests), and `hotpotqa`, `musique`, `2wiki` (the published
+datasets read from config.data.path; longer prompts, see docs/datasets.md).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _recsys_config():
+  """configs/recsys.py's default: the model, RL, optimiser, eval, mesh and compare
+  sections are shared, so both tasks take the same fields (and the same defaults)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recsys.py")
+  spec = importlib.util.spec_from_file_location("_fgrpo_recsys_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("default")
+
+
+def get_config(arg=None):
+  variant = arg or "default"
+  c = _recsys_config()
+  c.variant = variant  # which named variant built this config (informational)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic_qa"  # synthetic_qa (embedded) | hotpotqa | musique | 2wiki
+  c.data.path = ""  # folder of the downloaded files (unused by synthetic_qa)
+  c.data.cache_dir = ""  # where prepared data is cached ("" = <workdir>/data_cache)
+  c.data.pool_size = 20  # C: passages per question (supporting + distractors)
+  c.data.question_len = 10  # question tokens kept in the prompt
+  c.data.passage_len = 7  # tokens kept of each passage
+  c.data.max_prompt_len = 0  # fixed prompt length P (0 = 3 + question_len + C*(1+passage_len))
+  c.data.vocab_size = 1000  # word vocabulary cap incl. special tokens (rest -> <unk>)
+  c.data.min_word_frequency = 1  # words rarer than this in the training split -> <unk>
+  c.data.skip_bad_lines = False  # real data: skip (and count) malformed examples instead of stopping
+  c.data.val_size = 1000  # real data: validation examples held out of the training file
+  c.data.max_train_examples = 0  # real data: use at most this many training examples (0 = all)
+  # training batches: memory (rows drawn by a pure function of the step) | grain (streamed
+  # from the prepared array_record files, one shard per host, iterator state checkpointed)
+  c.data.loader = "memory"  # memory | grain (prepared datasets only)
+  c.data.num_entities = 120  # synthetic: entity names in the world
+  c.data.num_relations = 8  # synthetic: relation words in the world
+  c.data.min_hops = 2  # synthetic: fewest hops (gold passages) per question
+  c.data.max_hops = 4  # synthetic: most hops per question
+  c.data.num_train = 20000  # synthetic: training questions
+  c.data.num_validation = 500  # synthetic: validation questions
+  c.data.num_test = 1000  # synthetic: test questions
+  # synthetic: weights of distractor kinds: a later chain entity as subject, a path
+  # relation about another subject, a chain entity (mostly the start) as object, random
+  c.data.distractor_mix = (0.3, 0.25, 0.35, 0.1)
+
+  # Task-specific settings; every other field is configs/recsys.py's.
+  c.rollout.update(slate_size=5, rank_size=3)  # k >= max_hops; m ranked passages
+  c.sft.update(steps=600, batch_size=32)
+  c.rl.update(steps=100, batch_prompts=8)
+  c.eval.update(every=0, val_examples=200, batch_size=100)
+  c.log_every = 25
+  c.ckpt_every = 200
+
+  if variant == "tiny":
+    c.data.update(num_entities=30, num_train=200, num_validation=32, num_test=64,
+                  max_hops=3, question_len=8)
+    c.model.update(num_layers=1, hidden=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                   mlp_hidden=64)
+    c.rollout.update(slate_size=4, rank_size=2, group_size=4)
+    c.sft.update(steps=20, batch_size=16)
+    c.rl.update(steps=4, batch_prompts=4)
+    c.eval.update(every=0, val_examples=32, test_examples=64, batch_size=32)
+    c.compare.seeds = 2
+    c.log_every = 5
+    c.ckpt_every = 10
+  elif variant in ("hotpotqa", "musique", "2wiki"):
+    c.data.name = variant
+    c.data.update(question_len=32, passage_len=24, vocab_size=30000, min_word_frequency=2)
+    c.model.update(num_layers=4, hidden=256, num_heads=8, num_kv_heads=4, mlp_hidden=768)
+    c.sft.update(steps=2000, batch_size=16)
+    c.rl.update(steps=500, batch_prompts=8)
+    c.eval.update(every=500, val_examples=500, batch_size=32)
+  elif variant != "default":
+    raise ValueError(f"unknown variant {variant!r} of configs/multihop_qa.py "
+                     "(default, tiny, hotpotqa, musique, 2wiki)")
+  return c

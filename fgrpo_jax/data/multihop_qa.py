@@ -1,0 +1,478 @@
+"""Multi-hop QA as passage-pool ranking: HotpotQA, MuSiQue, 2WikiMultihopQA.
+
+`config.data.name` / `config.data.path` (the folder with the files as downloaded):
+
+  hotpotqa  hotpot_train_v1.1.json + hotpot_dev_distractor_v1.json (a JSON array;
+            each example has `question`, `context` = [[title, [sentence, ...]], ...]
+            and `supporting_facts` = [[title, sentence index], ...])
+  2wiki     train.json + dev.json (2WikiMultihopQA, the same fields as HotpotQA)
+  musique   musique_ans_v1.0_train.jsonl + musique_ans_v1.0_dev.jsonl (JSON lines;
+            each has `question` and `paragraphs` = [{title, paragraph_text,
+            is_supporting}, ...]; the musique_full_v1.0_* files work too)
+
+Each example becomes one pool of C = config.data.pool_size passages ("title :
+text"): its supporting passages (relevance 1) plus its own distractors (relevance
+0), topped up with random passages of other examples of the same split when it has
+fewer than C, and cut to C (supporting ones kept) when it has more; the order is
+shuffled with the seed. Splits: the test split is the published dev file (the test
+files carry no labels); the validation split is `val_size` examples held out from
+the training file (seeded).
+
+Skipped and counted (logged, stored in the manifest): examples without any
+supporting passage (e.g. MuSiQue's unanswerable questions) and supporting facts
+whose title is not in the context. Malformed input (invalid or truncated JSON, a
+missing field, a field of the wrong type) stops with "<file>:<line>: ..." unless
+`config.data.skip_bad_lines=True`, which skips the example and counts it (invalid
+JSON inside a JSON array cannot be skipped: nothing after it can be read).
+
+Prompts: fgrpo_jax.data.text_prompts, with a word-level vocabulary of at most
+`vocab_size` words built from the training split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from fgrpo_jax.data import cache as cache_lib
+from fgrpo_jax.data import pipeline
+from fgrpo_jax.data import text_prompts
+from fgrpo_jax.errors import UserError
+
+DATASETS = ("hotpotqa", "musique", "2wiki")
+SPLITS = ("train", "validation", "test")
+PREP_VERSION = 3  # bump when preparation changes: part of the cache key
+
+# Defaults of the config.data fields read with .get.
+DEFAULTS = dict(pool_size=20, question_len=32, passage_len=24, max_prompt_len=0,
+                vocab_size=30000, min_word_frequency=2, val_size=1000, max_train_examples=0,
+                skip_bad_lines=False)
+
+FILES = {
+    # dataset: (train candidates, test candidates), the first present is used.
+    "hotpotqa": (["hotpot_train_v1.1.json", "hotpot_train_v1.json"],
+                 ["hotpot_dev_distractor_v1.json"]),
+    "2wiki": (["train.json"], ["dev.json"]),
+    "musique": (["musique_ans_v1.0_train.jsonl", "musique_full_v1.0_train.jsonl"],
+                ["musique_ans_v1.0_dev.jsonl", "musique_full_v1.0_dev.jsonl"]),
+}
+
+
+@dataclasses.dataclass
+class QAExample:
+  """One question with its candidate passages (texts "title : text")."""
+
+  id: str
+  question: str
+  passages: list[str]
+  supporting: list[bool]
+
+
+class _Problems:
+  def __init__(self, skip: bool):
+    self.skip, self.count, self.first = skip, 0, None
+
+  def __call__(self, path, lineno, message):
+    text = f"{path}:{lineno}: {message}"
+    if not self.skip:
+      raise UserError(text + " (config.data.skip_bad_lines=True skips such examples)")
+    self.count += 1
+    self.first = self.first or text
+
+
+# ----------------------------------------------------------------------------
+# Reading.
+
+
+def _read_text(path: str) -> str:
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: file not found")
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      return f.read()
+  except OSError as e:
+    raise UserError(f"{path}: cannot read ({e})") from None
+
+
+def json_array_items(path: str) -> Iterator[tuple[int, int, object]]:
+  """(index, line, element) of a JSON file holding one array, parsed incrementally
+  so that errors name the line and the example."""
+  text = _read_text(path)
+  dec = json.JSONDecoder()
+  n = len(text)
+
+  def skip_ws(pos):
+    while pos < n and text[pos] in " \t\r\n":
+      pos += 1
+    return pos
+
+  def line_of(pos):
+    return text.count("\n", 0, pos) + 1
+
+  pos = skip_ws(0)
+  if pos >= n or text[pos] != "[":
+    raise UserError(f"{path}:{line_of(pos)}: expected a JSON array of examples")
+  pos += 1
+  index = 0
+  line, last = 1, 0
+  while True:
+    pos = skip_ws(pos)
+    if pos >= n:
+      raise UserError(f"{path}:{line_of(pos)}: the JSON array ends without ']' after "
+                      f"{index} examples (truncated file?)")
+    if text[pos] == "]":
+      return
+    try:
+      obj, end = dec.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path}:{e.lineno}: invalid JSON in example #{index}: {e.msg}"
+                      f"{' (truncated file?)' if e.pos >= n - 1 else ''}") from None
+    line += text.count("\n", last, pos)
+    last = pos
+    yield index, line, obj
+    index += 1
+    pos = skip_ws(end)
+    if pos < n and text[pos] == ",":
+      pos += 1
+    elif pos < n and text[pos] == "]":
+      return
+    elif pos >= n:
+      raise UserError(f"{path}:{line_of(pos)}: the JSON array ends without ']' after "
+                      f"{index} examples (truncated file?)")
+    else:
+      raise UserError(f"{path}:{line_of(pos)}: expected ',' or ']' after example #{index - 1}")
+
+
+def json_lines_items(path: str, problems) -> Iterator[tuple[int, int, object]]:
+  """(index, line, element) of a JSON-lines file; a bad line goes to `problems`."""
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: file not found")
+  with open(path, encoding="utf-8", errors="replace") as f:
+    index = 0
+    for lineno, raw in enumerate(f, 1):
+      if not raw.strip():
+        continue
+      try:
+        obj = json.loads(raw)
+      except json.JSONDecodeError as e:
+        trunc = " (truncated line?)" if not raw.endswith("\n") else ""
+        problems(path, lineno, f"invalid JSON: {e.msg}{trunc}")
+        continue
+      yield index, lineno, obj
+      index += 1
+
+
+def _clean(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+def _hotpot_example(obj, path, lineno, index, problems, counts) -> QAExample | None:
+  where = f"example #{index}"
+  if not isinstance(obj, dict):
+    problems(path, lineno, f"{where} is not a JSON object")
+    return None
+  for field in ("question", "context", "supporting_facts"):
+    if field not in obj:
+      problems(path, lineno, f"{where} (_id {obj.get('_id', '?')}): missing field {field!r}")
+      return None
+  ctx, sf = obj["context"], obj["supporting_facts"]
+  try:
+    titles = [str(c[0]) for c in ctx]
+    texts = [_clean("".join(c[1]) if isinstance(c[1], list) else c[1]) for c in ctx]
+    sup_titles = {str(s[0]) for s in sf}
+  except (TypeError, IndexError, KeyError):
+    problems(path, lineno, f"{where} (_id {obj.get('_id', '?')}): 'context' must be "
+                           "[[title, [sentences]], ...] and 'supporting_facts' [[title, index], ...]")
+    return None
+  missing = sup_titles - set(titles)
+  counts["supporting_titles_not_in_context"] += len(missing)
+  supporting = [t in sup_titles for t in titles]
+  if not any(supporting):
+    counts["skipped_no_supporting"] += 1
+    return None
+  return QAExample(id=str(obj.get("_id", index)), question=_clean(obj["question"]),
+                   passages=[f"{_clean(t)} : {x}" for t, x in zip(titles, texts)],
+                   supporting=supporting)
+
+
+def _musique_example(obj, path, lineno, index, problems, counts) -> QAExample | None:
+  where = f"example #{index}"
+  if not isinstance(obj, dict):
+    problems(path, lineno, f"{where} is not a JSON object")
+    return None
+  for field in ("question", "paragraphs"):
+    if field not in obj:
+      problems(path, lineno, f"{where} (id {obj.get('id', '?')}): missing field {field!r}")
+      return None
+  passages, supporting = [], []
+  for j, p in enumerate(obj["paragraphs"]):
+    if not isinstance(p, dict) or "paragraph_text" not in p:
+      problems(path, lineno, f"{where} (id {obj.get('id', '?')}): paragraph {j} has no "
+                             "'paragraph_text'")
+      return None
+    passages.append(f"{_clean(p.get('title', ''))} : {_clean(p['paragraph_text'])}")
+    supporting.append(bool(p.get("is_supporting", False)))
+  if not any(supporting):
+    counts["skipped_no_supporting"] += 1
+    return None
+  return QAExample(id=str(obj.get("id", index)), question=_clean(obj["question"]),
+                   passages=passages, supporting=supporting)
+
+
+def read_examples(path: str, dataset: str, problems: _Problems, counts: dict) -> list[QAExample]:
+  """All usable examples of one published file."""
+  out = []
+  if dataset == "musique":
+    items, parse = json_lines_items(path, problems), _musique_example
+  else:
+    items, parse = json_array_items(path), _hotpot_example
+  for index, lineno, obj in items:
+    counts["read"] += 1
+    ex = parse(obj, path, lineno, index, problems, counts)
+    if ex is not None:
+      out.append(ex)
+  return out
+
+
+def dataset_files(dataset: str, path: str) -> tuple[str, str]:
+  if not path:
+    raise UserError("config.data.path is empty: set it to the folder with the "
+                    f"{dataset} files")
+  d = os.path.expanduser(path)
+  if not os.path.isdir(d):
+    raise UserError(f"config.data.path={path}: directory not found")
+  train_names, test_names = FILES[dataset]
+
+  def pick(names):
+    for name in names:
+      for cand in (os.path.join(d, name), *glob.glob(os.path.join(d, "*", name))):
+        if os.path.isfile(cand):
+          return cand
+    raise UserError(f"{os.path.join(d, names[0])}: file not found ({dataset} needs "
+                    f"{' + '.join(n[0] for n in FILES[dataset])} in config.data.path)")
+
+  return pick(train_names), pick(test_names)
+
+
+# ----------------------------------------------------------------------------
+# Pools, tokenizer, records (shared with the synthetic QA generator).
+
+
+def make_pools(examples: Sequence[QAExample], pool_size: int, rng: np.random.Generator,
+               counts: dict, split: str):
+  """-> (passages [N][C] with None for slots that could not be filled, relevance [N, C])."""
+  bank = [p for ex in examples for p in ex.passages]
+  c = pool_size
+  pools, rel = [], np.zeros((len(examples), c), np.float32)
+  topped = trimmed = empty = 0
+  for n, ex in enumerate(examples):
+    sup = [p for p, s in zip(ex.passages, ex.supporting) if s]
+    dis = [p for p, s in zip(ex.passages, ex.supporting) if not s]
+    sup = sup[:c]
+    order = rng.permutation(len(dis))
+    dis = [dis[j] for j in order[:c - len(sup)]]
+    if len(ex.passages) > c:
+      trimmed += 1
+    chosen = sup + dis
+    if len(chosen) < c:
+      topped += 1
+      have = set(ex.passages)
+      tries = 0
+      while len(chosen) < c and tries < 20 * c and bank:
+        p = bank[int(rng.integers(len(bank)))]
+        tries += 1
+        if p not in have:
+          have.add(p)
+          chosen.append(p)
+    labels = [1.0] * len(sup) + [0.0] * (len(chosen) - len(sup))
+    if len(chosen) < c:
+      empty += 1
+    perm = rng.permutation(len(chosen))
+    row = [chosen[j] for j in perm] + [None] * (c - len(chosen))
+    rel[n, :len(chosen)] = np.asarray(labels, np.float32)[perm]
+    pools.append(row)
+  counts[f"{split}_pools_topped_up"] = topped
+  counts[f"{split}_pools_trimmed"] = trimmed
+  counts[f"{split}_pools_with_empty_slots"] = empty
+  return pools, rel
+
+
+@dataclasses.dataclass
+class QASettings:
+  pool_size: int
+  question_len: int
+  passage_len: int
+  max_prompt_len: int
+  vocab_size: int
+  min_word_frequency: int
+
+
+def write_qa_cache(writer: cache_lib.CacheWriter, splits: dict[str, list[QAExample]],
+                   s: QASettings, seed: int, log, *, with_oracle: bool, name: str) -> None:
+  """Pools, the word-level tokenizer (from the training split), prompts -> records."""
+  rng = np.random.default_rng(np.random.SeedSequence([seed, 31337]))
+  counts = writer.counts
+  pooled = {}
+  for split in SPLITS:
+    pooled[split] = make_pools(splits[split], s.pool_size, rng, counts, split)
+  tok_dir = os.path.join(writer.dir, "tokenizer")
+
+  def corpus():
+    for ex, row in zip(splits["train"], pooled["train"][0]):
+      yield ex.question
+      for p in row:
+        if p is not None:
+          yield p
+
+  text_prompts.build_tokenizer(corpus(), tok_dir, pool_size=s.pool_size,
+                               vocab_size=s.vocab_size, min_frequency=s.min_word_frequency)
+  tok = text_prompts.load_tokenizer(tok_dir)
+  builder = text_prompts.QAPrompts(tok, s.pool_size, s.question_len, s.passage_len,
+                                   s.max_prompt_len)
+  offset = 0
+  for split in SPLITS:
+    exs = splits[split]
+    passages, rel = pooled[split]
+    arrays = builder.build([e.question for e in exs], passages) if exs else None
+    if arrays is None:
+      raise UserError(f"{name}: the {split} split is empty")
+    unk = float(np.mean(arrays["prompt"][arrays["prompt_mask"]] == text_prompts.UNK))
+    counts[f"{split}_unk_token_fraction"] = round(unk, 4)
+    out = {"prompt": arrays["prompt"], "prompt_mask": arrays["prompt_mask"],
+           "pool_mask": arrays["pool_mask"], "relevance": rel,
+           "example_id": np.arange(offset, offset + len(exs), dtype=np.int32)}
+    if with_oracle:
+      out["oracle_scores"] = rel.copy()
+    offset += len(exs)
+    writer.write_split(split, out)
+    writer.write_texts(split, ({"id": e.id, "question": e.question, "passages": row}
+                               for e, row in zip(exs, passages)))
+    counts[f"{split}_examples"] = len(exs)
+  writer.extra.update(prompt_len=builder.prompt_len, vocab_size=builder.vocab_size,
+                      pool_size=s.pool_size, question_len=s.question_len,
+                      passage_len=s.passage_len)
+  log(f"[data] {name}: vocabulary {builder.vocab_size} tokens, prompts {builder.prompt_len} "
+      f"tokens, <unk> fraction train {counts['train_unk_token_fraction']:.3f} test "
+      f"{counts['test_unk_token_fraction']:.3f}")
+
+
+@dataclasses.dataclass
+class PreparedQA:
+  """A prepared QA dataset: model arrays per split, its tokenizer and texts."""
+
+  name: str
+  dir: str
+  manifest: dict
+  splits: dict[str, dict[str, np.ndarray]]
+  prompts: text_prompts.QAPrompts
+
+  def split_of_ids(self, ids: np.ndarray) -> list[tuple[str, int]]:
+    """(split, row within split) of global example ids."""
+    out = []
+    bounds, start = [], 0
+    for s in SPLITS:
+      n = self.manifest["splits"][s]["num_examples"]
+      bounds.append((s, start, start + n))
+      start += n
+    for i in np.asarray(ids).tolist():
+      for s, a, b in bounds:
+        if a <= i < b:
+          out.append((s, i - a))
+          break
+    return out
+
+  def texts(self, ids: np.ndarray) -> list[dict]:
+    """Text records ({id, question, passages [C]}) of global example ids, in order."""
+    located = self.split_of_ids(ids)
+    out: list = [None] * len(located)
+    for s in SPLITS:
+      rows = [(k, r) for k, (sp, r) in enumerate(located) if sp == s]
+      if rows:
+        recs = pipeline.load_texts(self.dir, s, [r for _, r in rows], self.manifest)
+        for (k, _), rec in zip(rows, recs):
+          out[k] = rec
+    return out
+
+
+def load_prepared(prepared: cache_lib.Prepared, name: str) -> PreparedQA:
+  m = prepared.manifest
+  tok = text_prompts.load_tokenizer(os.path.join(prepared.dir, "tokenizer"))
+  builder = text_prompts.QAPrompts(tok, m["pool_size"], m["question_len"], m["passage_len"],
+                                   m["prompt_len"])
+  splits = {}
+  for s in SPLITS:
+    a = pipeline.load_split_arrays(prepared.dir, s, m)
+    a["prompt_mask"] = a["prompt_mask"].astype(bool)
+    a["pool_mask"] = a["pool_mask"].astype(bool)
+    n = a["prompt"].shape[0]
+    a["cand_tokens"] = np.broadcast_to(builder.slot_ids, (n, m["pool_size"])).copy()
+    splits[s] = a
+  return PreparedQA(name=name, dir=prepared.dir, manifest=m, splits=splits, prompts=builder)
+
+
+def qa_settings(config) -> tuple[dict, QASettings]:
+  d = config.data
+  raw = {k: d.get(k, v) for k, v in DEFAULTS.items()}
+  for k in ("pool_size", "question_len", "passage_len", "vocab_size"):
+    if int(raw[k]) < 1:
+      raise UserError(f"config.data.{k}={raw[k]} must be positive")
+  s = QASettings(pool_size=int(raw["pool_size"]), question_len=int(raw["question_len"]),
+                 passage_len=int(raw["passage_len"]), max_prompt_len=int(raw["max_prompt_len"]),
+                 vocab_size=int(raw["vocab_size"]),
+                 min_word_frequency=int(raw["min_word_frequency"]))
+  need = text_prompts.prompt_length(s.question_len, s.passage_len, s.pool_size)
+  if s.max_prompt_len and need > s.max_prompt_len:
+    raise UserError(f"config.data.max_prompt_len={s.max_prompt_len} is shorter than the "
+                    f"longest prompt {need} = 3 + question_len + pool_size x (1 + passage_len)")
+  return raw, s
+
+
+def prepare(config, workdir: str | None = None, log=print) -> PreparedQA:
+  """Prepares (or reuses) the real QA dataset named by config.data.name."""
+  name = config.data.name
+  raw, s = qa_settings(config)
+  path = config.data.get("path", "") or ""
+  train_path, test_path = dataset_files(name, path)
+  settings = {"name": name, "seed": int(config.seed), "prep_version": PREP_VERSION, **raw}
+
+  def build(writer):
+    problems = _Problems(bool(raw["skip_bad_lines"]))
+    counts = {"read": 0, "skipped_no_supporting": 0, "supporting_titles_not_in_context": 0}
+    train_all = read_examples(train_path, name, problems, counts)
+    c_train = dict(counts)
+    counts.update(read=0, skipped_no_supporting=0, supporting_titles_not_in_context=0)
+    test = read_examples(test_path, name, problems, counts)
+    c_test = dict(counts)
+    rng = np.random.default_rng(np.random.SeedSequence([int(config.seed), 4242]))
+    perm = rng.permutation(len(train_all))
+    val_size = int(raw["val_size"])
+    if len(train_all) < 2 * val_size:
+      val_size = max(1, len(train_all) // 10)
+    val = [train_all[j] for j in sorted(perm[:val_size])]
+    train = [train_all[j] for j in sorted(perm[val_size:])]
+    if int(raw["max_train_examples"]) > 0:
+      train = train[:int(raw["max_train_examples"])]
+    if not train or not test:
+      raise UserError(f"{train_path if not train else test_path}: no usable example "
+                      "(every example lacks supporting passages?)")
+    for label, p, c in (("train file", train_path, c_train), ("dev file", test_path, c_test)):
+      log(f"[data] {name} {label} {p}: {c['read']} examples read, "
+          f"{c['skipped_no_supporting']} skipped without supporting passages, "
+          f"{c['supporting_titles_not_in_context']} supporting titles not in the context")
+    if problems.count:
+      log(f"[data] {name}: skipped {problems.count} malformed examples (first: {problems.first})")
+    log(f"[data] {name} splits: train {len(train)}, validation {len(val)}, test {len(test)}")
+    writer.counts.update({f"train_file_{k}": v for k, v in c_train.items()})
+    writer.counts.update({f"dev_file_{k}": v for k, v in c_test.items()})
+    writer.counts["malformed_skipped"] = problems.count
+    write_qa_cache(writer, {"train": train, "validation": val, "test": test}, s,
+                   int(config.seed), log, with_oracle=False, name=name)
+
+  prepared = cache_lib.prepare(cache_lib.cache_root(config, workdir), name, settings,
+                               [train_path, test_path], build, log)
+  return load_prepared(prepared, name)

@@ -1,0 +1,104 @@
+"""The embedded synthetic multi-hop QA task (fgrpo_jax/data/synthetic_qa.py, configs/multihop_qa.py)."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+from configs import multihop_qa as qa_config
+from fgrpo_jax import evaluate, train
+from fgrpo_jax.data import synthetic_qa, tasks, text_prompts
+from fgrpo_jax.errors import UserError
+from test_data_recsys_real import one_training_step
+
+FACT = re.compile(r"^the (\w+) of (\w+) is (\w+) \.$")
+
+
+def _examples(n=300, seed=0, **kw):
+  s = synthetic_qa.settings_from_config(qa_config.get_config())
+  s.update(num_train=n, num_validation=1, num_test=1, **kw)
+  return synthetic_qa.generate(s, seed)["train"]
+
+
+def solve(ex):
+  """Follows the question's relation path through the passages: the gold set."""
+  *path_rev, start = ex.question.rstrip(" ?").split(" of ")
+  facts = {}
+  for j, p in enumerate(ex.passages):
+    r, s, o = FACT.match(p).groups()
+    assert (s, r) not in facts  # one fact per (subject, relation) in a pool
+    facts[(s, r)] = (j, o)
+  entity, found = start, set()
+  for r in reversed(path_rev):
+    j, entity = facts[(entity, r)]
+    found.add(j)
+  return found
+
+
+def test_chain_is_determined_by_the_prompt():
+  exs = _examples()
+  hops = [sum(e.supporting) for e in exs]
+  assert set(hops) == {2, 3, 4}
+  shared = 0
+  for e in exs:
+    assert len(e.passages) == 20 and len(set(e.passages)) == 20
+    assert solve(e) == {j for j, s in enumerate(e.supporting) if s}  # oracle recall 1
+    chain_entities = {w for p, s in zip(e.passages, e.supporting) if s
+                      for w in FACT.match(p).groups()[1:]}
+    rels = set(e.question.rstrip(" ?").split(" of ")[:-1])
+    for p, s in zip(e.passages, e.supporting):
+      if not s:
+        r, subj, obj = FACT.match(p).groups()
+        shared += bool({subj, obj} & chain_entities or r in rels)
+  distractors = sum(20 - h for h in hops)
+  assert shared / distractors > 0.8  # distractors share entities or relations with the chain
+
+
+def test_generator_is_seeded():
+  a, b, c = _examples(20, 0), _examples(20, 0), _examples(20, 1)
+  assert [e.passages for e in a] == [e.passages for e in b]
+  assert [e.passages for e in a] != [e.passages for e in c]
+
+
+def test_bad_settings_are_user_errors():
+  with pytest.raises(UserError, match="max_hops"):
+    _examples(5, min_hops=3, max_hops=2)
+  with pytest.raises(UserError, match="distractor_mix"):
+    _examples(5, distractor_mix=[1.0, 0.0])
+
+
+def test_default_prompts_and_references(tmp_path):
+  c = qa_config.get_config()
+  c.data.update(num_train=300, num_validation=50, num_test=400, cache_dir=str(tmp_path))
+  logs = []
+  task = tasks.load_task(c, log=logs.append)
+  assert task.name == "multihop_qa" and task.dataset == "synthetic_qa" and task.has_oracle
+  assert task.info["prompt_len"] <= 220 and task.pool_size == 20
+  test = task.splits["test"]
+  np.testing.assert_array_equal(test["oracle_scores"], test["relevance"])
+  k, m = c.rollout.slate_size, c.rollout.rank_size
+  oracle, refs = train.reference_metrics(task, test, c)
+  assert oracle["slate_recall"] == 1.0 and oracle["hit@1"] == 1.0
+  assert set(refs) == {"random", "popularity", "bm25"}
+  assert refs["random"]["hit@1"] < refs["bm25"]["hit@1"] < 0.7  # lexical overlap misleads
+  assert refs["bm25"]["slate_recall"] < 0.7
+  # The word-level tokenizer round-trips a prompt.
+  tok = text_prompts.load_tokenizer(os.path.join(task.info["cache_dir"], "tokenizer"))
+  row = test["prompt"][0][test["prompt_mask"][0]]
+  words = " ".join(tok.convert_ids_to_tokens(row.tolist()))
+  assert "[P20]" in words
+  # passages after their identifiers, then the question next to the answer
+  assert re.match(r"<bos> \[P1\] the \w+ of \w+ is \w+ \. \[P2\] the ", words)
+  assert re.search(r" \. <q> [\w ]+ \? <slate>$", words)
+  # Prepared once: the second load reuses the cache.
+  task2 = tasks.load_task(c, log=logs.append)
+  assert any("reusing" in l for l in logs)
+  np.testing.assert_array_equal(task2.splits["test"]["prompt"], test["prompt"])
+
+
+def test_one_training_step(tmp_path):
+  c = qa_config.get_config("tiny")
+  c.data.cache_dir = str(tmp_path)
+  task = tasks.load_task(c, log=lambda s: None)
+  one_training_step(task)
