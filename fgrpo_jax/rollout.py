@@ -406,14 +406,14 @@ def sequence_logprobs(params, batch, choices, *, cfg: llama.ModelConfig, layout:
   choices int32 [B, G, T] (-1 at tags). Returns (logprobs f32 [B, G, T], entropy
   f32 [B, G, T]), both 0 at forced tags. Differentiable in params.
   With a free layout (gold sequences for SFT) the same schedule is scored with
-  full-vocabulary log-probs, the distribution free decoding samples from.
+  full-vocabulary log-probs, the distribution free decoding samples from, at every
+  position: the tags too, since free decoding writes them.
   """
   tokens = tokens_from_choices(choices, batch["cand_tokens"], layout)
   logits = llama.completion_logits(params, batch["prompt"], batch["prompt_mask"], tokens, cfg)
-  is_choice = choices >= 0
   if not layout.constrained:
-    lp, entropy = _full_vocab_logprobs(logits, tokens, temperature)
-    return jnp.where(is_choice, lp, 0.0), jnp.where(is_choice, entropy, 0.0)
+    return _full_vocab_logprobs(logits, tokens, temperature)
+  is_choice = choices >= 0
   allowed = allowed_masks(choices, layout, batch["pool_mask"][:, None])
   cand = jnp.broadcast_to(batch["cand_tokens"][:, None, None], allowed.shape)
   logp = _constrained_logprobs(logits, cand, allowed, temperature)  # [B, G, T, C]
