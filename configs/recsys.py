@@ -77,6 +77,8 @@ def get_config(arg=None):
   c.rollout.rank_size = 5  # m: slate members ranked
   c.rollout.group_size = 8  # G: rollouts per prompt
   c.rollout.temperature = 1.0  # sampling temperature of training rollouts
+  c.rollout.constrained = True  # True: choices among pool ids, tags forced / False: free decoding
+  c.rollout.max_new_tokens = 0  # free decoding: token budget per rollout (0 = twice a well-formed one)
 
   c.reward = ml_collections.ConfigDict()
   c.reward.coverage = "recall"  # R_gen: recall | f1
@@ -84,6 +86,12 @@ def get_config(arg=None):
   c.reward.gain = "exp"  # NDCG gain for graded relevance: exp (2^rel-1) | linear
   c.reward.lam = 1.0  # lambda: weight of the rank phase (F-GRPO) / of R_rank (GRPO)
   c.reward.advantage = "mean"  # group advantage: mean (Dr. GRPO) | std | rloo
+  c.reward.format_penalty = 1.0  # free decoding: subtracted from R_gen / R_rank if that part is malformed
+
+  c.prompt = ml_collections.ConfigDict()
+  c.prompt.max_len = 1024  # text prompts (chat templates): prompt tokens; long candidate texts are cut
+  c.prompt.identifiers = "letters"  # text prompts: one-token slot names: letters (A..Z, a..z) | "x,y,..."
+  c.prompt.system = ""  # text prompts: system message ("" = the built-in format instruction)
 
   c.sft = ml_collections.ConfigDict()
   c.sft.steps = 1000  # teacher-forcing steps on gold sequences before RL

@@ -17,6 +17,14 @@ at the sampling temperature; `sequence_logprobs` recomputes them teacher-forced.
 The schedule of step kinds is static (numpy), so the whole rollout is one
 `lax.scan` with static shapes, and the prompt is prefilled once per prompt and its
 keys/values shared by the G samples.
+
+In *free* decoding (`Layout(constrained=False, max_new_tokens=T)`, for text LLMs)
+every token is sampled from the full vocabulary, nothing is forced, and a rollout
+stops after its end tags or a stop token (padding follows). `fgrpo_jax.parse` then
+reads the slate, the ranking, the phase ids and the format errors from the tokens;
+the log-probs are the full-vocabulary ones at the sampling temperature
+(`free_logprobs` recomputes them teacher-forced). `sample` and `rollout_logprobs`
+serve both modes, chosen by the static layout.
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgrpo_jax import parse as parse_lib
 from fgrpo_jax.models import llama
-from fgrpo_jax.rewards import PHASE_GEN, PHASE_RANK, PHASE_TAG
+from fgrpo_jax.rewards import PHASE_GEN, PHASE_NONE, PHASE_RANK, PHASE_TAG
 
 # Step kinds of the schedule.
 FORCED, CHOOSE_SLATE, CHOOSE_RANK = 0, 1, 2
@@ -44,17 +53,35 @@ class Layout:
   slate_size: k; rank_size: m; mid_tags: token ids forced between the slate and
   the ranking (`</SLATE> <RANK>`, possibly several tokens each for text LLMs);
   end_tags: token ids forced after the ranking (`</RANK>`).
+  constrained: True = constrained decoding on the static schedule below; False =
+    free decoding of max_new_tokens tokens over the whole vocabulary, read back by
+    `fgrpo_jax.parse` (the tags are then what the parser looks for);
+  max_new_tokens: free decoding's token budget T (>= the schedule's length);
+  stop_tokens: free decoding ends early at any of these (EOS, end of turn);
+  pad_token: written after a free rollout ended.
   """
 
   slate_size: int
   rank_size: int
   mid_tags: tuple[int, ...]
   end_tags: tuple[int, ...]
+  constrained: bool = True
+  max_new_tokens: int = 0
+  stop_tokens: tuple[int, ...] = ()
+  pad_token: int = 0
 
   def __post_init__(self):
     if not 1 <= self.rank_size <= self.slate_size:
       raise ValueError(f"need 1 <= rank size m ({self.rank_size}) <= slate size k "
                        f"({self.slate_size})")
+    if not self.constrained:
+      if not self.mid_tags or not self.end_tags:
+        raise ValueError("free decoding needs non-empty mid and end tags to parse")
+      if self.max_new_tokens < self.schedule_length:
+        raise ValueError(f"max_new_tokens={self.max_new_tokens} cannot hold a well-formed "
+                         f"rollout of {self.schedule_length} tokens")
+      if set(self.stop_tokens) & set(self.mid_tags + self.end_tags):
+        raise ValueError(f"stop tokens {self.stop_tokens} overlap the tags")
 
   @property
   def kinds(self) -> np.ndarray:
@@ -66,7 +93,7 @@ class Layout:
   @property
   def forced_tokens(self) -> np.ndarray:
     """int32 [T]: the forced token at FORCED positions, -1 elsewhere."""
-    out = np.full(self.length, -1, np.int32)
+    out = np.full(self.schedule_length, -1, np.int32)
     k, m, mid = self.slate_size, self.rank_size, len(self.mid_tags)
     out[k:k + mid] = self.mid_tags
     out[k + mid + m:] = self.end_tags
@@ -80,8 +107,14 @@ class Layout:
                     np.where(kinds == CHOOSE_RANK, PHASE_RANK, PHASE_TAG)).astype(np.int32)
 
   @property
-  def length(self) -> int:
+  def schedule_length(self) -> int:
+    """Tokens of a well-formed rollout: k + m + the tags (the constrained schedule)."""
     return self.slate_size + len(self.mid_tags) + self.rank_size + len(self.end_tags)
+
+  @property
+  def length(self) -> int:
+    """T: generated positions of a rollout (the schedule, or the free budget)."""
+    return self.schedule_length if self.constrained else self.max_new_tokens
 
   @property
   def slate_positions(self) -> np.ndarray:
@@ -100,7 +133,11 @@ class Rollout(NamedTuple):
   phase_ids: int32 [B, G, T] (rewards.PHASE_*);
   logprobs: f32 [B, G, T] log-prob of each token under the constrained
     distribution at the sampling temperature (0 at forced tags);
-  slate: int32 [B, G, k]; ranking: int32 [B, G, m] (pool slot indices).
+  slate: int32 [B, G, k]; ranking: int32 [B, G, m] (pool slot indices);
+  errors: format errors, name -> bool [B, G] (`fgrpo_jax.parse.ERRORS`; all False
+    in constrained decoding).
+  In free decoding choices, phase_ids, slate and ranking come from the parser, and
+  logprobs are full-vocabulary log-probs of every sampled token (0 after the end).
   """
 
   tokens: jax.Array
@@ -109,6 +146,7 @@ class Rollout(NamedTuple):
   logprobs: jax.Array
   slate: jax.Array
   ranking: jax.Array
+  errors: dict | None = None
 
 
 def allowed_slots(kind, in_slate, ranked, pool_mask):
@@ -144,7 +182,14 @@ def sample(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout, group_
   given_slate: optional int32 [B, k] — the slate is teacher-forced to these pool
     slots (a decoupled ranker ranking a selector's slate); only the ranking is
     sampled. Log-probs of the given slate tokens are still reported.
+  A free layout (`layout.constrained=False`) samples over the full vocabulary
+  (`_sample_free`; no given_slate).
   """
+  if not layout.constrained:
+    if given_slate is not None:
+      raise ValueError("given_slate needs constrained decoding")
+    return _sample_free(params, batch, key, cfg=cfg, layout=layout, group_size=group_size,
+                        temperature=temperature, greedy=greedy)
   prompt, prompt_mask = batch["prompt"], batch["prompt_mask"]
   cand_tokens, pool_mask = batch["cand_tokens"], batch["pool_mask"]
   B, C = cand_tokens.shape
@@ -196,7 +241,131 @@ def sample(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout, group_
   slate, ranking = _split_choices(choices, layout)
   phase_ids = jnp.broadcast_to(jnp.asarray(layout.phase_ids), (B, G, T))
   return Rollout(tokens=tokens, choices=choices, phase_ids=phase_ids, logprobs=lps,
-                 slate=slate, ranking=ranking)
+                 slate=slate, ranking=ranking, errors=parse_lib.no_errors((B, G)))
+
+
+# ----------------------------------------------------------------------------
+# Free decoding.
+
+
+class FreeState(NamedTuple):
+  """Where each free rollout is, updated token by token while sampling.
+
+  stage: int32 [B, G]: 0 in the slate, 1 in the ranking, 2 ended (padding follows);
+  window: int32 [B, G, L]: the last L tokens of the current stage (-1 = none yet),
+  L = the longest tag.
+  """
+
+  stage: jax.Array
+  window: jax.Array
+
+
+def init_free_state(batch: int, group: int, layout: Layout) -> FreeState:
+  width = max(len(layout.mid_tags), len(layout.end_tags))
+  return FreeState(stage=jnp.zeros((batch, group), jnp.int32),
+                   window=jnp.full((batch, group, width), -1, jnp.int32))
+
+
+def _window_ends_with(window, tag) -> jax.Array:
+  return jnp.all(window[..., window.shape[-1] - len(tag):] == jnp.asarray(tag, jnp.int32), -1)
+
+
+def advance_free_state(state: FreeState, token, layout: Layout) -> FreeState:
+  """The state after `token` int32 [B, G] was written (the parser's rules, online):
+  the mid tags end the slate, the end tags (after them) or a stop token end the rollout."""
+  window = jnp.concatenate([state.window[..., 1:], token[..., None]], -1)
+  stage = state.stage
+  new = jnp.where((stage == 0) & _window_ends_with(window, layout.mid_tags), 1, stage)
+  new = jnp.where((stage == 1) & _window_ends_with(window, layout.end_tags), 2, new)
+  if layout.stop_tokens:
+    new = jnp.where(jnp.isin(token, jnp.asarray(layout.stop_tokens, jnp.int32)), 2, new)
+  window = jnp.where((new != stage)[..., None], -1, window)  # tags never span two stages
+  return FreeState(stage=new, window=window)
+
+
+def parse_tokens(tokens, batch, layout: Layout) -> parse_lib.Parsed:
+  """Parses free completions int32 [B, G, T] against the batch's pools."""
+  return parse_lib.parse(tokens, batch["cand_tokens"][:, None], batch["pool_mask"][:, None],
+                         slate_size=layout.slate_size, rank_size=layout.rank_size,
+                         mid_tags=layout.mid_tags, end_tags=layout.end_tags,
+                         stop_tokens=layout.stop_tokens)
+
+
+def _sample_free(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout,
+                 group_size: int, temperature: float, greedy: bool) -> Rollout:
+  """Free decoding: `layout.max_new_tokens` tokens per rollout over the full vocabulary.
+
+  A rollout ends after its end tags or a stop token; later positions hold
+  layout.pad_token with log-prob 0. Returns a Rollout parsed by `fgrpo_jax.parse`.
+  """
+  B, G, T = batch["prompt"].shape[0], group_size, layout.max_new_tokens
+  first_logits, prefix = llama.prefill(params, batch["prompt"], cfg, batch["prompt_mask"])
+  cache = llama.init_decode_cache(cfg, B, G, T)
+  logits = jnp.broadcast_to(first_logits[:, None], (B, G, first_logits.shape[-1]))
+
+  def choose(t, logits, state):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    if greedy:
+      token = jnp.argmax(logp, axis=-1)
+    else:
+      token = jax.random.categorical(jax.random.fold_in(key, t), logp, axis=-1)
+    token = token.astype(jnp.int32)
+    lp = jnp.take_along_axis(logp, token[..., None], -1)[..., 0]
+    ended = state.stage == 2
+    token = jnp.where(ended, layout.pad_token, token)
+    lp = jnp.where(ended, 0.0, lp)
+    return token, lp, advance_free_state(state, token, layout)
+
+  def step(carry, t):
+    logits, cache, state = carry
+    token, lp, state = choose(t, logits, state)
+    logits, cache = llama.decode_step(params, prefix, cache, token, t, cfg)
+    return (logits, cache, state), (token, lp)
+
+  (logits, _, state), (tokens, lps) = jax.lax.scan(
+      step, (logits, cache, init_free_state(B, G, layout)), jnp.arange(T - 1))
+  last_token, last_lp, _ = choose(T - 1, logits, state)
+  tokens = jnp.moveaxis(jnp.concatenate([tokens, last_token[None]], 0), 0, -1)
+  lps = jnp.moveaxis(jnp.concatenate([lps, last_lp[None]], 0), 0, -1)
+  p = parse_tokens(tokens, batch, layout)
+  return Rollout(tokens=tokens, choices=p.choices, phase_ids=p.phase_ids, logprobs=lps,
+                 slate=p.slate, ranking=p.ranking, errors=p.errors)
+
+
+def _full_vocab_logprobs(logits, tokens, temperature):
+  """logits [..., T, V], tokens [..., T] -> (log-probs [..., T], entropies [..., T])."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  lp = jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  return lp, entropy
+
+
+def free_logprobs(params, batch, tokens, live, *, cfg: llama.ModelConfig,
+                  temperature: float = 1.0):
+  """Teacher-forced full-vocabulary log-probs and entropies of free completions.
+
+  tokens int32 [B, G, T]; live bool [B, G, T] (the sampled positions). Returns
+  (logprobs f32 [B, G, T], entropy f32 [B, G, T]), 0 where not live.
+  Differentiable in params.
+  """
+  logits = llama.completion_logits(params, batch["prompt"], batch["prompt_mask"], tokens, cfg)
+  lp, entropy = _full_vocab_logprobs(logits, tokens, temperature)
+  return jnp.where(live, lp, 0.0), jnp.where(live, entropy, 0.0)
+
+
+def rollout_logprobs(params, batch, ro: Rollout, *, cfg: llama.ModelConfig, layout: Layout,
+                     temperature: float = 1.0):
+  """Teacher-forced (logprobs, entropy) [B, G, T] of a rollout's sampled tokens, as
+  `sample` reported them: constrained (`sequence_logprobs`) or free (`free_logprobs`)."""
+  if layout.constrained:
+    return sequence_logprobs(params, batch, ro.choices, cfg=cfg, layout=layout,
+                             temperature=temperature)
+  return free_logprobs(params, batch, ro.tokens, ro.phase_ids != PHASE_NONE, cfg=cfg,
+                       temperature=temperature)
+
+
+# ----------------------------------------------------------------------------
+# Teacher forcing of the constrained schedule.
 
 
 def allowed_masks(choices, layout: Layout, pool_mask):
@@ -225,7 +394,7 @@ def tokens_from_choices(choices, cand_tokens, layout: Layout):
 def choices_from_slate_ranking(slate, ranking, layout: Layout):
   """Builds the [..., T] choice array of a sequence from slate [..., k] and ranking [..., m]."""
   lead = slate.shape[:-1]
-  choices = jnp.full(lead + (layout.length,), -1, jnp.int32)
+  choices = jnp.full(lead + (layout.schedule_length,), -1, jnp.int32)
   choices = choices.at[..., layout.slate_positions].set(slate.astype(jnp.int32))
   return choices.at[..., layout.rank_positions].set(ranking.astype(jnp.int32))
 
@@ -236,13 +405,18 @@ def sequence_logprobs(params, batch, choices, *, cfg: llama.ModelConfig, layout:
 
   choices int32 [B, G, T] (-1 at tags). Returns (logprobs f32 [B, G, T], entropy
   f32 [B, G, T]), both 0 at forced tags. Differentiable in params.
+  With a free layout (gold sequences for SFT) the same schedule is scored with
+  full-vocabulary log-probs, the distribution free decoding samples from, at every
+  position: the tags too, since free decoding writes them.
   """
   tokens = tokens_from_choices(choices, batch["cand_tokens"], layout)
   logits = llama.completion_logits(params, batch["prompt"], batch["prompt_mask"], tokens, cfg)
+  if not layout.constrained:
+    return _full_vocab_logprobs(logits, tokens, temperature)
+  is_choice = choices >= 0
   allowed = allowed_masks(choices, layout, batch["pool_mask"][:, None])
   cand = jnp.broadcast_to(batch["cand_tokens"][:, None, None], allowed.shape)
   logp = _constrained_logprobs(logits, cand, allowed, temperature)  # [B, G, T, C]
-  is_choice = choices >= 0
   lp = jnp.take_along_axis(logp, jnp.maximum(choices, 0)[..., None], -1)[..., 0]
   probs = jnp.exp(logp)
   entropy = -jnp.sum(jnp.where(allowed, probs * logp, 0.0), axis=-1)

@@ -24,6 +24,7 @@ import optax
 from fgrpo_jax import checkpoint as ckpt_lib
 from fgrpo_jax import evaluate as eval_lib
 from fgrpo_jax import objectives
+from fgrpo_jax import parse as parse_lib
 from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout as rollout_lib
 from fgrpo_jax import sharding
@@ -81,10 +82,27 @@ def validate_config(config, pool_size: int | None = None):
     if value not in allowed:
       raise ConfigError(f"config.{field}={value!r} is unknown (choose one of "
                         f"{', '.join(allowed)})")
-  for field in ("sft.steps", "rl.steps"):
+  for field in ("sft.steps", "rl.steps", "rollout.max_new_tokens", "reward.format_penalty"):
     section, name = field.split(".")
     if config[section][name] < 0:
       raise ConfigError(f"config.{field} must be >= 0")
+  if not r.constrained and config.algorithm in DECOUPLED:
+    raise ConfigError(f"config.rollout.constrained=False: free decoding does not support "
+                      f"config.algorithm={config.algorithm} (its ranker is given the slate)")
+
+
+def make_layout(task, config) -> rollout_lib.Layout:
+  """The task's rollout layout for config.rollout: constrained, or free decoding with
+  a token budget (config.rollout.max_new_tokens, 0 = twice a well-formed rollout)."""
+  r = config.rollout
+  layout = task.layout_fn(r.slate_size, r.rank_size)
+  if r.constrained:
+    return layout
+  budget = r.max_new_tokens or 2 * layout.schedule_length
+  if budget < layout.schedule_length:
+    raise ConfigError(f"config.rollout.max_new_tokens={budget} is shorter than a well-formed "
+                      f"rollout ({layout.schedule_length} tokens with the tags)")
+  return dataclasses.replace(layout, constrained=False, max_new_tokens=budget)
 
 
 def model_config(config, vocab_size: int) -> llama.ModelConfig:
@@ -132,6 +150,7 @@ class RLSettings:
   advantage: str
   inner_steps: int
   loss: objectives.PolicyLossConfig
+  format_penalty: float = 1.0  # subtracted from a malformed phase's reward (free decoding)
 
   @classmethod
   def from_config(cls, config):
@@ -140,7 +159,7 @@ class RLSettings:
                temperature=config.rollout.temperature, coverage=config.reward.coverage,
                rank_metric=config.reward.rank_metric, gain=config.reward.gain,
                lam=config.reward.lam, advantage=config.reward.advantage,
-               inner_steps=rl.inner_steps,
+               inner_steps=rl.inner_steps, format_penalty=config.reward.format_penalty,
                loss=objectives.PolicyLossConfig(
                    eps_low=rl.eps_low, eps_high=rl.eps_high, ratio=rl.ratio,
                    kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator))
@@ -185,7 +204,10 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   relevant candidate; "all" on every choice token of the gold sequence.
   slate_order: order of the gold slate (see gold_choices).
   phases: which phases carry loss (a decoupled selector learns only the slate).
+  In free decoding the model writes the tags itself, so they carry loss too.
   """
+  if not layout.constrained:
+    phases = (*phases, R.PHASE_TAG)
   choices = gold_choices(batch["relevance"], batch["pool_mask"], key, layout,
                          slate_order)[:, None]
   phase_ids = jnp.broadcast_to(jnp.asarray(layout.phase_ids), choices.shape)
@@ -193,7 +215,8 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
     # Filler candidates of the gold slate are context, not targets: supervising
     # them would teach a uniform guess over the rest of the pool.
     rel = jnp.take_along_axis(batch["relevance"][:, None], jnp.maximum(choices, 0), -1)
-    phase_ids = jnp.where((choices >= 0) & (rel > 0), phase_ids, R.PHASE_NONE)
+    keep = ((choices >= 0) & (rel > 0)) | (phase_ids == R.PHASE_TAG)
+    phase_ids = jnp.where(keep, phase_ids, R.PHASE_NONE)
 
   def loss_fn(params):
     lp, _ = rollout_lib.sequence_logprobs(params, _model_batch(batch), choices, cfg=cfg,
@@ -240,10 +263,16 @@ def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
 
 
 def rollout_rewards(ro: rollout_lib.Rollout, relevance, s: RLSettings, rank_size: int):
-  """Per-phase rewards of a rollout: relevance [B, C] -> (r_gen, r_rank) [B, G]."""
+  """Per-phase rewards of a rollout: relevance [B, C] -> (r_gen, r_rank) [B, G].
+
+  A malformed slate (ranking) part of a free-decoding rollout loses
+  s.format_penalty from R_gen (R_rank); constrained rollouts are always well formed.
+  """
   rel = relevance[:, None]
-  return R.phase_rewards(ro.slate, ro.ranking, rel, coverage_mode=s.coverage,
-                         rank_metric=s.rank_metric, rank_k=rank_size, gain=s.gain)
+  r_gen, r_rank = R.phase_rewards(ro.slate, ro.ranking, rel, coverage_mode=s.coverage,
+                                  rank_metric=s.rank_metric, rank_k=rank_size, gain=s.gain)
+  pen_gen, pen_rank = parse_lib.phase_penalties(ro.errors, s.format_penalty)
+  return r_gen + pen_gen, r_rank + pen_rank
 
 
 def rl_advantages(r_gen, r_rank, phase_ids, s: RLSettings):
@@ -266,13 +295,13 @@ def policy_update(params, opt_state, mb, ro: rollout_lib.Rollout, token_adv, gro
   s = settings
   ref_lp = None
   if ref_params is not None:
-    ref_lp, _ = rollout_lib.sequence_logprobs(ref_params, mb, ro.choices, cfg=cfg,
-                                              layout=layout, temperature=s.temperature)
+    ref_lp, _ = rollout_lib.rollout_logprobs(ref_params, mb, ro, cfg=cfg, layout=layout,
+                                             temperature=s.temperature)
   trained = jnp.isin(ro.phase_ids, jnp.asarray([p for ids, _ in groups for p in ids]))
 
   def loss_fn(params):
-    lp, ent = rollout_lib.sequence_logprobs(params, mb, ro.choices, cfg=cfg, layout=layout,
-                                            temperature=s.temperature)
+    lp, ent = rollout_lib.rollout_logprobs(params, mb, ro, cfg=cfg, layout=layout,
+                                           temperature=s.temperature)
     loss, aux = objectives.clipped_surrogate(lp, ro.logprobs, token_adv, ro.phase_ids,
                                              groups, s.loss, ref_lp)
     aux["entropy"] = jnp.sum(ent * trained) / jnp.maximum(jnp.sum(trained), 1)
@@ -312,7 +341,7 @@ def rl_step(state: TrainState, ref_params, batch, key, *, cfg, layout, optimizer
       state.params, state.opt_state, mb, ro, token_adv, groups, ref_params, cfg=cfg,
       layout=layout, optimizer=optimizer, settings=s)
   metrics.update(**_stats("reward_gen", r_gen), **_stats("reward_rank", r_rank),
-                 **_advantage_stats(adv))
+                 **_advantage_stats(adv), format_valid=jnp.mean(parse_lib.validity(ro.errors)))
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
@@ -449,6 +478,8 @@ def _stage_step(stage: str, config, cfg, layout, optimizer):
   if stage == "rl":
     keys = ("reward_gen_mean", "reward_rank_mean", "adv_gen_abs_mean", "clip_frac", "entropy",
             "grad_norm")
+    if not config.rollout.constrained:
+      keys += ("format_valid",)
     fn = decoupled_step if alg == "decoupled" else rl_step
     return fn, {**static, "settings": RLSettings.from_config(config)}, True, keys
   fn = decoupled_sft_step if (stage == "sft_more" and alg == "decoupled_sft") else sft_step
@@ -635,7 +666,7 @@ def run(config, workdir: str, log=print) -> dict:
   t_start = time.time()
   task = tasks_lib.load_task(config, workdir, log)
   validate_config(config, pool_size=task.pool_size)
-  layout = task.layout_fn(config.rollout.slate_size, config.rollout.rank_size)
+  layout = make_layout(task, config)
   cfg = model_config(config, task.vocab_size)
   log(f"task {task.dataset}: {task.info} | model {llama.count_params(llama.param_shapes(cfg))/1e6:.2f}M"
       f" params | devices {jax.devices()}")
