@@ -89,6 +89,8 @@ def get_config(arg=None):
   c.reward.format_penalty = 1.0  # free decoding: subtracted from R_gen / R_rank if that part is malformed
 
   c.prompt = ml_collections.ConfigDict()
+  c.prompt.format = "auto"  # ids (token per item/slot) | chat (chat template) | auto (chat iff hf_checkpoint)
+  c.prompt.tokenizer = ""  # chat prompts: tokenizer directory ("" = model.hf_checkpoint)
   c.prompt.max_len = 1024  # text prompts (chat templates): prompt tokens; long candidate texts are cut
   c.prompt.identifiers = "letters"  # text prompts: one-token slot names: letters (A..Z, a..z) | "x,y,..."
   c.prompt.system = ""  # text prompts: system message ("" = the built-in format instruction)

@@ -10,6 +10,7 @@ raw data.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -35,6 +36,8 @@ class Task:
   stream: for prepared (cached) datasets, fn(split, batch_size, *, seed, shard_index,
     shard_count) -> a grain iterator of this host's batches of model arrays, with
     get_state / set_state (config.data.loader="grain"); None for generated data.
+  texts: fn(split arrays) -> (contexts [N], candidate texts [N][C]), the examples as
+    text for chat prompts (a history of item names / a question; item names / passages).
   """
 
   name: str
@@ -46,6 +49,7 @@ class Task:
   describe: Callable[..., str]
   info: dict = dataclasses.field(default_factory=dict)
   stream: Callable[..., Any] | None = None
+  texts: Callable[[dict], tuple[list[str], list[list[str]]]] | None = None
 
   @property
   def pool_size(self) -> int:
@@ -106,11 +110,16 @@ def recsys_task(dataset, name: str, cache_dir: str | None = None) -> Task:
       lines.append(f"rewards : {rewards_text}")
     return "\n".join(lines)
 
+  def texts(arrays):
+    contexts = ["\n".join(names[i] for i in row if i >= 0) for row in arrays["history"]]
+    return contexts, [[names[i] for i in row] for row in arrays["pool"]]
+
   info = {"num_items": dataset.num_items}
   info.update({f"{s}_examples": len(getattr(dataset, s)) for s in SPLITS})
   return Task(name="recsys", dataset=name, splits=splits, vocab_size=builder.vocab_size,
               layout_fn=builder.layout, reference_fns=references, describe=describe,
-              info=info, stream=_streamer(cache_dir, model_arrays) if cache_dir else None)
+              info=info, stream=_streamer(cache_dir, model_arrays) if cache_dir else None,
+              texts=texts)
 
 
 def qa_task(prepared, name: str) -> Task:
@@ -166,6 +175,11 @@ def qa_task(prepared, name: str) -> Task:
   info = {"vocab_size": builder.vocab_size, "prompt_len": builder.prompt_len,
           "cache_dir": prepared.dir}
   info.update({f"{s}_examples": int(prepared.splits[s]["prompt"].shape[0]) for s in SPLITS})
+  def qa_texts(arrays):
+    records = prepared.texts(arrays["example_id"])
+    return ([t["question"] for t in records],
+            [[p if p is not None else "" for p in t["passages"]] for t in records])
+
   def model_arrays(rows):
     n = rows["prompt"].shape[0]
     return {"prompt": rows["prompt"], "prompt_mask": rows["prompt_mask"].astype(bool),
@@ -175,7 +189,57 @@ def qa_task(prepared, name: str) -> Task:
   return Task(name="multihop_qa", dataset=name, splits=prepared.splits,
               vocab_size=builder.vocab_size, layout_fn=builder.layout,
               reference_fns=references, describe=describe, info=info,
-              stream=_streamer(prepared.dir, model_arrays))
+              stream=_streamer(prepared.dir, model_arrays), texts=qa_texts)
+
+
+def chat_task(task: Task, prompts) -> Task:
+  """The same task with chat-template text prompts (data/chat_prompts.ChatPrompts).
+
+  Every split's prompt, prompt_mask and cand_tokens are rebuilt from the examples'
+  texts; relevance, pools and references are unchanged, and the vocabulary and the
+  layout become the tokenizer's. Streaming (config.data.loader=grain) is not offered:
+  prompts are built in memory.
+  """
+  if task.texts is None:
+    raise UserError(f"{task.dataset} has no text form for chat prompts")
+  splits = {}
+  for split, arrays in task.splits.items():
+    contexts, candidates = task.texts(arrays)
+    built = prompts.build(contexts, candidates, pool_size=task.pool_size)
+    out = dict(arrays)
+    out.update(prompt=built["prompt"], prompt_mask=built["prompt_mask"],
+               cand_tokens=built["cand_tokens"], pool_mask=built["pool_mask"] & arrays["pool_mask"])
+    splits[split] = out
+    task.info[f"{split}_prompts_cut"] = int(built["truncated"].sum())
+  info = dict(task.info, prompt="chat", prompt_len=prompts.max_len)
+  return dataclasses.replace(task, splits=splits, vocab_size=len(prompts.tokenizer),
+                             layout_fn=prompts.layout, info=info, stream=None)
+
+
+def maybe_chat(task: Task, config) -> Task:
+  """Applies config.prompt.format: "chat" (or "auto" with a Hugging Face checkpoint)
+  renders the task with the tokenizer of config.prompt.tokenizer or of the checkpoint."""
+  p = config.get("prompt")
+  fmt = p.get("format", "auto") if p is not None else "auto"
+  hf_dir = config.model.get("hf_checkpoint", "")
+  if fmt not in ("auto", "ids", "chat"):
+    raise UserError(f"config.prompt.format={fmt!r} is unknown (auto, ids or chat)")
+  if fmt == "ids" or (fmt == "auto" and not hf_dir):
+    return task
+  directory = p.get("tokenizer", "") or hf_dir
+  if not directory:
+    raise UserError("config.prompt.format=chat needs a tokenizer: set config.prompt.tokenizer "
+                    "or config.model.hf_checkpoint to a local directory")
+  from fgrpo_jax.data import chat_prompts, text_prompts
+  if not os.path.isdir(directory):
+    raise UserError(f"config.prompt.tokenizer={directory}: directory not found")
+  tokenizer = text_prompts.load_tokenizer(directory)
+  label = "History" if task.name == "recsys" else "Question"
+  candidates = "Items" if task.name == "recsys" else "Passages"
+  prompts = chat_prompts.ChatPrompts.from_config(tokenizer, config, source=directory,
+                                                 context_label=label,
+                                                 candidate_label=candidates)
+  return chat_task(task, prompts)
 
 
 KNOWN = ("synthetic_recsys", "movielens", "lastfm", "amazon", "synthetic_qa", "hotpotqa",
@@ -187,7 +251,15 @@ def load_task(config, workdir: str | None = None, log=print) -> Task:
 
   Real datasets and the synthetic QA task are prepared once into a cache under
   config.data.cache_dir, else <workdir>/data_cache (see fgrpo_jax/data/cache.py);
-  `log` receives the preparation's counts.
+  `log` receives the preparation's counts. With chat prompts (config.prompt.format)
+  the examples are rendered with a Hugging Face tokenizer's chat template.
+  """
+  return maybe_chat(_load(config, workdir, log), config)
+
+
+def _load(config, workdir, log) -> Task:
+  """Builds the task named by config.data.name (one clear error if unknown).
+
   """
   d = config.data
   if d.name == "synthetic_recsys":
