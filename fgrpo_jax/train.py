@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, NamedTuple
@@ -618,7 +619,7 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
     if config.eval.every and (done % config.eval.every == 0 or done == total):
       val_metrics = eval_lib.evaluate_model(state.params, val, cfg=cfg, layout=layout,
                                             batch_size=config.eval.batch_size,
-                                            gain=config.reward.gain)
+                                            gain=config.reward.gain, mesh=mesh)
       _write_metrics(writer, done, {f"{stage}/val_{k}": v for k, v in val_metrics.items()})
       append_jsonl(history, {"stage": stage, "step": done,
                              **{f"val_{k}": v for k, v in val_metrics.items()}})
@@ -656,11 +657,12 @@ def _fmt(metrics: dict | None, keys=("hit@1", "ndcg@5", "slate_recall")) -> str:
   return " ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 
-def show_examples(params, task, arrays, config, cfg, layout, n: int, log=print):
+def show_examples(params, task, arrays, config, cfg, layout, n: int, log=print, mesh=None):
   """Prints n greedy test rollouts in readable form with their rewards."""
   sub = {k: v[:n] for k, v in arrays.items()}
+  rows = -(-max(n, 1) // _eval_rows(mesh)) * _eval_rows(mesh)  # a multiple of the shards
   slate, ranking, _ = eval_lib.greedy_outputs(params, sub, cfg=cfg, layout=layout,
-                                              batch_size=max(n, 1))
+                                              batch_size=rows, mesh=mesh)
   r_gen = np.asarray(R.coverage(slate, sub["relevance"], mode=config.reward.coverage))
   r_rank = np.asarray(R.ndcg(ranking, sub["relevance"], gain=config.reward.gain))
   for i in range(n):
@@ -669,8 +671,23 @@ def show_examples(params, task, arrays, config, cfg, layout, n: int, log=print):
                       f"R_gen {r_gen[i]:.3f}  R_rank (ndcg@{layout.rank_size}) {r_rank[i]:.3f}"))
 
 
+def _eval_rows(mesh) -> int:
+  """Evaluation batches must split evenly over the batch shards and the processes."""
+  return math.lcm(sharding.batch_shards(mesh), jax.process_count())
+
+
+def _quiet(*args, **kwargs):
+  """The log of processes other than 0: one process speaks for all."""
+
+
 def run(config, workdir: str, log=print) -> dict:
-  """Trains (or only evaluates) as the config says and writes workdir/eval.json."""
+  """Trains (or only evaluates) as the config says and writes workdir/eval.json.
+
+  On several processes every one runs this same program; only process 0 logs and
+  writes metrics.jsonl, TensorBoard events and eval.json.
+  """
+  if jax.process_index() > 0:
+    log = _quiet
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
@@ -712,7 +729,8 @@ def run(config, workdir: str, log=print) -> dict:
 
   test = _subset(task.splits["test"], config.eval.test_examples, config.seed + 1)
   metrics = eval_lib.evaluate_model(params, test, cfg=cfg, layout=layout,
-                                    batch_size=config.eval.batch_size, gain=config.reward.gain)
+                                    batch_size=config.eval.batch_size, gain=config.reward.gain,
+                                    mesh=mesh)
   oracle, refs = reference_metrics(task, test, config)
   steps = (0 if config.sft.init_from else config.sft.steps) + config.rl.steps
   result = {"algorithm": config.algorithm, "task": task.name, "dataset": task.dataset,
@@ -731,7 +749,7 @@ def run(config, workdir: str, log=print) -> dict:
     log(f"[test] {name}: {_fmt(r)}")
   log(f"[done] {time.time() - t_start:.0f}s, wrote {os.path.join(workdir, 'eval.json')}")
   if config.eval.show_examples:
-    show_examples(params, task, test, config, cfg, layout, config.eval.show_examples, log)
+    show_examples(params, task, test, config, cfg, layout, config.eval.show_examples, log, mesh)
   return result
 
 
