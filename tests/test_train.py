@@ -158,8 +158,9 @@ def test_sigkill_after_first_checkpoint_then_resume_is_exact(tiny_run, tmp_path)
 # so the updated parameters differ exactly by the gradient differences (Adam would
 # turn a 1e-9 gradient into a +-lr step). Tolerance (float32, sums merely
 # regrouped): losses and metrics 1e-5 relative + 1e-6 absolute, parameters 1e-5
-# absolute (the largest gradient entries are ~1). Measured: losses within ~1e-7
-# relative, parameters within ~1e-7 (run with -s to see the printed differences).
+# absolute (the largest gradient entries are ~1). SFT is checked with 2
+# microbatches, RL with 4 (each compile costs seconds). Measured: losses within
+# ~2e-7 relative, parameters within ~5e-7 (run with -s to see the differences).
 #
 # The steps are compiled with XLA:CPU's fast-compile options (a few seconds each
 # instead of ~10 s); the tests compare programs, not compiler settings.
@@ -255,7 +256,8 @@ def _assert_same_update(out, ref, what):
                                err_msg=f"{what}: metric {k}")
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_ref)):
     np.testing.assert_allclose(a, b, rtol=0, atol=ACCUM_PARAM_ATOL, err_msg=what)
-  d_loss = abs(float(metrics["loss"]) - float(metrics_ref["loss"])) / abs(float(metrics_ref["loss"]))
+  loss, loss_ref = float(metrics["loss"]), float(metrics_ref["loss"])
+  d_loss = abs(loss - loss_ref) / abs(loss_ref)
   d_par = max(float(jnp.max(jnp.abs(a - b))) for a, b in
               zip(jax.tree.leaves(params), jax.tree.leaves(params_ref)))
   print(f"{what}: loss rel diff {d_loss:.1e}, max param diff {d_par:.1e}")
@@ -264,7 +266,7 @@ def _assert_same_update(out, ref, what):
 def test_sft_grad_accumulation_matches_full_batch():
   ref = _sft_run(1)
   assert float(ref[1]["grad_norm"]) > 0.1  # a real gradient
-  for n in (2, 4):
+  for n in (2,):  # 4 microbatches: the RL test below
     out = _sft_run(n)
     _assert_same_update((out[0].params, out[1]), (ref[0].params, ref[1]), f"sft grad_accum={n}")
 
@@ -281,7 +283,7 @@ def test_rl_grad_accumulation_matches_full_batch():
   ref_params = jax.tree.map(lambda p: 0.9 * p, params)
   runs = {n: _fast(_rl_update, params, ref_params, batch, choices, phase_ids, jax.random.key(2),
                    cfg=cfg, layout=layout, settings=dataclasses.replace(base, grad_accum=n))
-          for n in (1, 4)}  # 2 microbatches: tests/test_distributed.py, end to end
+          for n in (1, 4)}  # 2 microbatches: the SFT test above and tests/test_distributed.py
   assert float(runs[1][1]["clip_frac"]) > 0.05 and float(runs[1][1]["kl_ref"]) > 0
   for n in (4,):
     _assert_same_update(runs[n], runs[1], f"rl grad_accum={n}")
