@@ -121,6 +121,7 @@ def get_config(arg=None):
   c.optim.b2 = 0.99  # Adam beta2
   c.optim.grad_clip = 1.0  # global gradient-norm clip
   c.optim.final_lr_frac = 0.1  # cosine decay ends at this fraction of the peak
+  c.optim.grad_accum = 1  # microbatches per gradient step (divides every update's batch)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 50  # validation every N steps of each stage (0 = only at the end)

@@ -16,6 +16,7 @@ import numpy as np
 
 from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout as rollout_lib
+from fgrpo_jax import sharding
 
 CUTOFFS = (1, 3, 5)
 
@@ -84,29 +85,43 @@ def greedy_rollout(params, batch, *, cfg, layout):
   return sample(params, batch)
 
 
-def greedy_outputs(params, arrays, *, cfg, layout, batch_size: int):
+def greedy_outputs(params, arrays, *, cfg, layout, batch_size: int, mesh=None):
   """Greedy constrained rollouts over numpy arrays in fixed-size batches.
 
   The last batch is padded by repeating rows, so every call has the same shape
-  (one compilation). Returns (slate [N, k], ranking [N, m], tokens [N, T]) numpy.
+  (one compilation). With a mesh (the params' one), each process loads only its
+  rows of every batch (`sharding.process_batch_slice`), the batch is split over
+  the mesh's batch axes, and the outputs are gathered back, so every process
+  returns the same full arrays. Returns (slate [N, k], ranking [N, m], tokens [N, T])
+  numpy.
   """
   n = arrays["prompt"].shape[0]
   keys = ("prompt", "prompt_mask", "cand_tokens", "pool_mask")
   slates, rankings, tokens = [], [], []
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n
-    batch = {k: jnp.asarray(arrays[k][idx]) for k in keys}
+    if mesh is None:
+      batch = {k: jnp.asarray(arrays[k][idx]) for k in keys}
+    else:
+      rows = idx[sharding.process_batch_slice(batch_size)]
+      batch = sharding.shard_batch({k: arrays[k][rows] for k in keys}, mesh)
     ro = greedy_rollout(params, batch, cfg=cfg, layout=layout)
+    slate, ranking, toks = sharding.gather_to_host((ro.slate, ro.ranking, ro.tokens))
     keep = min(batch_size, n - start)
-    slates.append(np.asarray(ro.slate[:keep, 0]))
-    rankings.append(np.asarray(ro.ranking[:keep, 0]))
-    tokens.append(np.asarray(ro.tokens[:keep, 0]))
+    slates.append(slate[:keep, 0])
+    rankings.append(ranking[:keep, 0])
+    tokens.append(toks[:keep, 0])
   return np.concatenate(slates), np.concatenate(rankings), np.concatenate(tokens)
 
 
-def evaluate_model(params, arrays, *, cfg, layout, batch_size: int, gain: str = "exp"):
-  """Mean metrics of the model's greedy rollouts on a split's arrays."""
+def evaluate_model(params, arrays, *, cfg, layout, batch_size: int, gain: str = "exp",
+                   mesh=None):
+  """Mean metrics of the model's greedy rollouts on a split's arrays.
+
+  With a mesh the rollouts are sharded over it and gathered (see greedy_outputs),
+  so on several hosts every process returns the same global metrics.
+  """
   slate, ranking, _ = greedy_outputs(params, arrays, cfg=cfg, layout=layout,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, mesh=mesh)
   return mean_metrics(ranking_metrics(slate, ranking, arrays["relevance"],
                                       arrays["pool_mask"], gain=gain))

@@ -15,6 +15,7 @@ GRPO uses one advantage of the joint reward on every choice token and one mean.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -52,22 +53,44 @@ def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3"):
   return jnp.exp(log_ratio) - log_ratio - 1.0
 
 
-def _masked_mean(x, mask):
+def _masked_mean(x, mask, count=None):
+  """sum(x * mask) / max(count, 1); count defaults to sum(mask).
+
+  Passing the count of the *whole* batch makes the result a sum over rows, so the
+  losses of microbatches add up to the full batch's (gradient accumulation).
+  """
   mask = mask.astype(x.dtype)
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  count = jnp.sum(mask) if count is None else count
+  return jnp.sum(x * mask) / jnp.maximum(count, 1.0)
+
+
+def token_counts(phase_ids, phase_groups: Sequence[tuple[tuple[int, ...], float]]):
+  """Token counts that normalise `clipped_surrogate`: phase_ids [B, G, T] -> f32 [n + 1].
+
+  Entry i counts the tokens of phase group i, the last one the tokens of any group.
+  Computed once on the full batch and passed to the loss of each microbatch.
+  """
+  masks = [jnp.isin(phase_ids, jnp.asarray(phases)) for phases, _ in phase_groups]
+  any_mask = functools.reduce(jnp.logical_or, masks)
+  return jnp.stack([jnp.sum(m) for m in masks + [any_mask]]).astype(jnp.float32)
 
 
 def clipped_surrogate(logprobs, old_logprobs, token_adv, phase_ids,
                       phase_groups: Sequence[tuple[tuple[int, ...], float]],
-                      cfg: PolicyLossConfig, ref_logprobs=None):
+                      cfg: PolicyLossConfig, ref_logprobs=None, counts=None):
   """Generic clipped policy loss over groups of phases.
 
   logprobs/old_logprobs/token_adv: f32 [B, G, T]; phase_ids int32 [B, G, T].
   phase_groups: ((phase ids, weight), ...): each group is averaged over its own
     tokens and weighted, e.g. F-GRPO ((GEN,), 1), ((RANK,), lambda); GRPO
     ((GEN, RANK), 1).
+  counts: f32 [len(phase_groups) + 1] from `token_counts` of the full batch when
+    this is one microbatch of it (the loss and metrics are then its additive share);
+    None counts the tokens of these arrays.
   Returns (loss scalar, metrics dict).
   """
+  if counts is None:
+    counts = token_counts(phase_ids, phase_groups)
   old_logprobs = jax.lax.stop_gradient(old_logprobs)
   token_adv = jax.lax.stop_gradient(token_adv)
   log_ratio = logprobs - old_logprobs
@@ -75,7 +98,7 @@ def clipped_surrogate(logprobs, old_logprobs, token_adv, phase_ids,
   metrics = {}
   all_mask = jnp.zeros(phase_ids.shape, bool)
   clipped_any = jnp.zeros(phase_ids.shape, bool)
-  for phases, weight in phase_groups:
+  for i, (phases, weight) in enumerate(phase_groups):
     mask = jnp.isin(phase_ids, jnp.asarray(phases))
     all_mask |= mask
     if cfg.ratio == "phase":
@@ -89,13 +112,13 @@ def clipped_surrogate(logprobs, old_logprobs, token_adv, phase_ids,
     clipped = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * token_adv
     surrogate = jnp.minimum(unclipped, clipped)
     clipped_any |= mask & (clipped < unclipped)
-    objective = objective + weight * _masked_mean(surrogate, mask)
+    objective = objective + weight * _masked_mean(surrogate, mask, counts[i])
   loss = -objective
-  metrics["clip_frac"] = _masked_mean(clipped_any, all_mask)
-  metrics["approx_kl_old"] = _masked_mean(-log_ratio, all_mask)
+  metrics["clip_frac"] = _masked_mean(clipped_any, all_mask, counts[-1])
+  metrics["approx_kl_old"] = _masked_mean(-log_ratio, all_mask, counts[-1])
   if ref_logprobs is not None:
     kl = _masked_mean(kl_penalty(logprobs, jax.lax.stop_gradient(ref_logprobs),
-                                 cfg.kl_estimator), all_mask)
+                                 cfg.kl_estimator), all_mask, counts[-1])
     metrics["kl_ref"] = kl
     if cfg.kl_coef:
       loss = loss + cfg.kl_coef * kl
@@ -127,10 +150,17 @@ def fgrpo_groups(lam: float):
 GRPO_GROUPS = (((R.PHASE_GEN, R.PHASE_RANK), 1.0),)
 
 
-def sft_loss(logprobs, phase_ids, phases=(R.PHASE_GEN, R.PHASE_RANK)):
+def sft_loss(logprobs, phase_ids, phases=(R.PHASE_GEN, R.PHASE_RANK), count=None):
   """Teacher-forcing negative log-likelihood over the chosen phases' tokens.
 
   logprobs f32 [B, G, T] of the gold choices; forced tags carry no loss.
+  count: the number of supervised tokens of the full batch when this is one
+  microbatch (see `sft_token_count`); None counts them here.
   """
   mask = jnp.isin(phase_ids, jnp.asarray(phases))
-  return -_masked_mean(logprobs, mask)
+  return -_masked_mean(logprobs, mask, count)
+
+
+def sft_token_count(phase_ids, phases=(R.PHASE_GEN, R.PHASE_RANK)):
+  """Supervised tokens of `sft_loss`: phase_ids [B, G, T] -> f32 scalar."""
+  return jnp.sum(jnp.isin(phase_ids, jnp.asarray(phases))).astype(jnp.float32)

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, NamedTuple
@@ -89,6 +90,13 @@ def validate_config(config, pool_size: int | None = None):
   if not r.constrained and config.algorithm in DECOUPLED:
     raise ConfigError(f"config.rollout.constrained=False: free decoding does not support "
                       f"config.algorithm={config.algorithm} (its ranker is given the slate)")
+  n = config.optim.grad_accum
+  if n < 1:
+    raise ConfigError(f"config.optim.grad_accum={n} must be >= 1")
+  bad = [f"{what} ({rows} rows)" for what, rows in update_batches(config) if rows % n]
+  if bad:
+    raise ConfigError(f"config.optim.grad_accum={n} must divide the batch of every gradient "
+                      f"step; it does not divide {', '.join(bad)}")
 
 
 def make_layout(task, config) -> rollout_lib.Layout:
@@ -103,6 +111,27 @@ def make_layout(task, config) -> rollout_lib.Layout:
     raise ConfigError(f"config.rollout.max_new_tokens={budget} is shorter than a well-formed "
                       f"rollout ({layout.schedule_length} tokens with the tags)")
   return dataclasses.replace(layout, constrained=False, max_new_tokens=budget)
+
+
+def update_batches(config) -> list[tuple[str, int]]:
+  """(description, rows) of the batches the stages of this config take gradients on.
+
+  grad_accum splits each of them into microbatches. The RL stage splits prompts
+  (with all their G rollouts); the decoupled pair updates each policy on one half.
+  """
+  out = []
+  if config.sft.steps and not config.sft.init_from:
+    out.append(("config.sft.batch_size", config.sft.batch_size))
+  if config.rl.steps:
+    B, G = config.rl.batch_prompts, config.rollout.group_size
+    what, rows = (("config.rl.batch_prompts", B) if main_stage(config.algorithm) == "rl"
+                  else ("config.rl.batch_prompts*config.rollout.group_size", B * G))
+    if config.algorithm in DECOUPLED:
+      out += [(f"half of {what} for each decoupled policy", half)
+              for half in sorted({(rows + 1) // 2, rows // 2})]
+    else:
+      out.append((what, rows))
+  return out
 
 
 def model_config(config, vocab_size: int) -> llama.ModelConfig:
@@ -151,6 +180,7 @@ class RLSettings:
   inner_steps: int
   loss: objectives.PolicyLossConfig
   format_penalty: float = 1.0  # subtracted from a malformed phase's reward (free decoding)
+  grad_accum: int = 1  # microbatches per gradient (config.optim.grad_accum)
 
   @classmethod
   def from_config(cls, config):
@@ -162,7 +192,8 @@ class RLSettings:
                inner_steps=rl.inner_steps, format_penalty=config.reward.format_penalty,
                loss=objectives.PolicyLossConfig(
                    eps_low=rl.eps_low, eps_high=rl.eps_high, ratio=rl.ratio,
-                   kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator))
+                   kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator),
+               grad_accum=config.optim.grad_accum)
 
 
 # ----------------------------------------------------------------------------
@@ -195,16 +226,55 @@ def _model_batch(batch):
   return {k: batch[k] for k in ("prompt", "prompt_mask", "cand_tokens", "pool_mask")}
 
 
+def split_microbatches(tree, n: int):
+  """Leaves [B, ...] -> [n, B/n, ...]; microbatch i holds rows i, i + n, i + 2n, ...
+
+  Strided rather than contiguous: a batch split over devices keeps B/n/devices rows
+  of every device in each microbatch, so no microbatch lives on a few devices only.
+  """
+  def split(x):
+    return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, tree)
+
+
+def accumulated_value_and_grad(loss_fn, params, data, n: int):
+  """((loss, aux), grads) of `loss_fn(params, data)`, summed over n microbatches.
+
+  loss_fn(params, rows) -> (loss scalar, aux dict of scalars) must be *additive*
+  over rows (a sum, or a mean normalised by a count of the whole batch, see
+  objectives.token_counts): then the result equals the full-batch value and
+  gradient. The microbatches run one after the other in a lax.scan inside the
+  jitted step, so activations are kept for B/n rows at a time; gradients are
+  accumulated in the parameters' dtype (float32 master weights). data: pytree of
+  [B, ...] leaves, B divisible by n. n = 1 is the plain value_and_grad.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if n == 1:
+    return grad_fn(params, data)
+  micro = split_microbatches(data, n)
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(grad_fn, params, first))
+
+  def body(total, rows):
+    return jax.tree.map(jnp.add, total, grad_fn(params, rows)), None
+
+  total, _ = jax.lax.scan(body, zeros, micro)
+  return total
+
+
 def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
                supervise="relevant", slate_order="random",
-               phases=(R.PHASE_GEN, R.PHASE_RANK)):
+               phases=(R.PHASE_GEN, R.PHASE_RANK), grad_accum: int = 1):
   """One teacher-forcing update on gold sequences (G = 1) -> (params, opt_state, metrics).
 
+  batch: dict of [B, ...] arrays (MODEL_KEYS[1:]).
   supervise: "relevant" puts the loss on the gold slate/ranking tokens that name a
   relevant candidate; "all" on every choice token of the gold sequence.
   slate_order: order of the gold slate (see gold_choices).
   phases: which phases carry loss (a decoupled selector learns only the slate).
   In free decoding the model writes the tags itself, so they carry loss too.
+  grad_accum: microbatches of B / grad_accum rows per gradient (same result).
   """
   if not layout.constrained:
     phases = (*phases, R.PHASE_TAG)
@@ -218,36 +288,44 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
     keep = ((choices >= 0) & (rel > 0)) | (phase_ids == R.PHASE_TAG)
     phase_ids = jnp.where(keep, phase_ids, R.PHASE_NONE)
 
-  def loss_fn(params):
-    lp, _ = rollout_lib.sequence_logprobs(params, _model_batch(batch), choices, cfg=cfg,
+  # Token counts of the whole batch: each microbatch's loss is its share of the mean.
+  counts = {name: objectives.sft_token_count(phase_ids, p) for name, p in
+            (("loss", phases), ("gen", (R.PHASE_GEN,)), ("rank", (R.PHASE_RANK,)))}
+
+  def loss_fn(params, rows):
+    lp, _ = rollout_lib.sequence_logprobs(params, _model_batch(rows), rows["choices"], cfg=cfg,
                                           layout=layout)
-    loss = objectives.sft_loss(lp, phase_ids, phases)
+    ids = rows["phase_ids"]
+    loss = objectives.sft_loss(lp, ids, phases, counts["loss"])
     # Per-phase NLL of the supervised tokens, for the logs.
-    gen = objectives.sft_loss(lp, phase_ids, (R.PHASE_GEN,))
-    rank = objectives.sft_loss(lp, phase_ids, (R.PHASE_RANK,))
+    gen = objectives.sft_loss(lp, ids, (R.PHASE_GEN,), counts["gen"])
+    rank = objectives.sft_loss(lp, ids, (R.PHASE_RANK,), counts["rank"])
     return loss, {"nll_gen": gen, "nll_rank": rank}
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  data = {**_model_batch(batch), "choices": choices, "phase_ids": phase_ids}
+  (loss, aux), grads = accumulated_value_and_grad(loss_fn, params, data, grad_accum)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "supervise",
-                                             "slate_order"), donate_argnums=0)
+SFT_STATIC = ("cfg", "layout", "optimizer", "supervise", "slate_order", "grad_accum")
+
+
+@functools.partial(jax.jit, static_argnames=SFT_STATIC, donate_argnums=0)
 def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise="relevant",
-             slate_order="random"):
+             slate_order="random", grad_accum=1):
   """SFT of the one policy that writes both phases."""
   params, opt_state, metrics = sft_update(state.params, state.opt_state, batch, key, cfg=cfg,
                                           layout=layout, optimizer=optimizer,
-                                          supervise=supervise, slate_order=slate_order)
+                                          supervise=supervise, slate_order=slate_order,
+                                          grad_accum=grad_accum)
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "supervise",
-                                             "slate_order"), donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=SFT_STATIC, donate_argnums=0)
 def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
-                       supervise="relevant", slate_order="random"):
+                       supervise="relevant", slate_order="random", grad_accum=1):
   """SFT of a decoupled pair: the selector on gold slates, the ranker on gold rankings."""
   out_p, out_o, metrics = {}, {}, {}
   for role, phases, half in (("selector", (R.PHASE_GEN,), True),
@@ -255,7 +333,7 @@ def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
     out_p[role], out_o[role], m = sft_update(
         state.params[role], state.opt_state[role], _half(batch, half), key, cfg=cfg,
         layout=layout, optimizer=optimizer, supervise=supervise, slate_order=slate_order,
-        phases=phases)
+        phases=phases, grad_accum=grad_accum)
     metrics.update({f"{role}_{k}": v for k, v in m.items()})
   metrics["loss"] = metrics["selector_loss"] + metrics["ranker_loss"]
   metrics["grad_norm"] = metrics["selector_grad_norm"] + metrics["ranker_grad_norm"]
@@ -289,26 +367,33 @@ def policy_update(params, opt_state, mb, ro: rollout_lib.Rollout, token_adv, gro
                   *, cfg, layout, optimizer, settings: RLSettings):
   """`settings.inner_steps` clipped-surrogate updates of one policy on its rollouts.
 
+  mb: model inputs of B prompts; ro: their rollouts [B, G, ...]; token_adv f32
+  [B, G, T]. Each gradient is accumulated over `settings.grad_accum` microbatches
+  of B / grad_accum prompts (with all their G rollouts); the losses are normalised
+  by token counts of the whole batch, so the gradient is the full batch's.
   Returns (params, opt_state, metrics) — metrics of the first inner step, plus the
   clip fraction and drift of the last (where the ratio is no longer 1).
   """
   s = settings
-  ref_lp = None
+  data = {"mb": mb, "ro": ro, "adv": token_adv}  # split into microbatches along B
   if ref_params is not None:
-    ref_lp, _ = rollout_lib.rollout_logprobs(ref_params, mb, ro, cfg=cfg, layout=layout,
-                                             temperature=s.temperature)
-  trained = jnp.isin(ro.phase_ids, jnp.asarray([p for ids, _ in groups for p in ids]))
+    data["ref_lp"], _ = rollout_lib.rollout_logprobs(ref_params, mb, ro, cfg=cfg, layout=layout,
+                                                     temperature=s.temperature)
+  counts = objectives.token_counts(ro.phase_ids, groups)  # of the whole batch
 
-  def loss_fn(params):
-    lp, ent = rollout_lib.rollout_logprobs(params, mb, ro, cfg=cfg, layout=layout,
-                                           temperature=s.temperature)
-    loss, aux = objectives.clipped_surrogate(lp, ro.logprobs, token_adv, ro.phase_ids,
-                                             groups, s.loss, ref_lp)
-    aux["entropy"] = jnp.sum(ent * trained) / jnp.maximum(jnp.sum(trained), 1)
+  def loss_fn(params, rows):
+    lp, ent = rollout_lib.rollout_logprobs(params, rows["mb"], rows["ro"], cfg=cfg,
+                                           layout=layout, temperature=s.temperature)
+    ro_rows = rows["ro"]
+    loss, aux = objectives.clipped_surrogate(lp, ro_rows.logprobs, rows["adv"],
+                                             ro_rows.phase_ids, groups, s.loss,
+                                             rows.get("ref_lp"), counts=counts)
+    trained = jnp.isin(ro_rows.phase_ids, jnp.asarray([p for ids, _ in groups for p in ids]))
+    aux["entropy"] = jnp.sum(ent * trained) / jnp.maximum(counts[-1], 1)
     return loss, aux
 
   for i in range(s.inner_steps):  # a few static PPO-style epochs on the same rollouts
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, aux), grads = accumulated_value_and_grad(loss_fn, params, data, s.grad_accum)
     if i == 0:
       metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -484,7 +569,8 @@ def _stage_step(stage: str, config, cfg, layout, optimizer):
     return fn, {**static, "settings": RLSettings.from_config(config)}, True, keys
   fn = decoupled_sft_step if (stage == "sft_more" and alg == "decoupled_sft") else sft_step
   return (fn, {**static, "supervise": config.sft.supervise,
-               "slate_order": config.sft.slate_order}, False,
+               "slate_order": config.sft.slate_order, "grad_accum": config.optim.grad_accum},
+          False,
           ("loss", "nll_gen", "nll_rank", "grad_norm"))
 
 
@@ -570,7 +656,7 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
     if config.eval.every and (done % config.eval.every == 0 or done == total):
       val_metrics = eval_lib.evaluate_model(state.params, val, cfg=cfg, layout=layout,
                                             batch_size=config.eval.batch_size,
-                                            gain=config.reward.gain)
+                                            gain=config.reward.gain, mesh=mesh)
       _write_metrics(writer, done, {f"{stage}/val_{k}": v for k, v in val_metrics.items()})
       append_jsonl(history, {"stage": stage, "step": done,
                              **{f"val_{k}": v for k, v in val_metrics.items()}})
@@ -646,11 +732,12 @@ def _fmt(metrics: dict | None, keys=("hit@1", "ndcg@5", "slate_recall")) -> str:
   return " ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 
-def show_examples(params, task, arrays, config, cfg, layout, n: int, log=print):
+def show_examples(params, task, arrays, config, cfg, layout, n: int, log=print, mesh=None):
   """Prints n greedy test rollouts in readable form with their rewards."""
   sub = {k: v[:n] for k, v in arrays.items()}
+  rows = -(-max(n, 1) // _eval_rows(mesh)) * _eval_rows(mesh)  # a multiple of the shards
   slate, ranking, _ = eval_lib.greedy_outputs(params, sub, cfg=cfg, layout=layout,
-                                              batch_size=max(n, 1))
+                                              batch_size=rows, mesh=mesh)
   r_gen = np.asarray(R.coverage(slate, sub["relevance"], mode=config.reward.coverage))
   r_rank = np.asarray(R.ndcg(ranking, sub["relevance"], gain=config.reward.gain))
   for i in range(n):
@@ -659,8 +746,23 @@ def show_examples(params, task, arrays, config, cfg, layout, n: int, log=print):
                       f"R_gen {r_gen[i]:.3f}  R_rank (ndcg@{layout.rank_size}) {r_rank[i]:.3f}"))
 
 
+def _eval_rows(mesh) -> int:
+  """Evaluation batches must split evenly over the batch shards and the processes."""
+  return math.lcm(sharding.batch_shards(mesh), jax.process_count())
+
+
+def _quiet(*args, **kwargs):
+  """The log of processes other than 0: one process speaks for all."""
+
+
 def run(config, workdir: str, log=print) -> dict:
-  """Trains (or only evaluates) as the config says and writes workdir/eval.json."""
+  """Trains (or only evaluates) as the config says and writes workdir/eval.json.
+
+  On several processes every one runs this same program; only process 0 logs and
+  writes metrics.jsonl, TensorBoard events and eval.json.
+  """
+  if jax.process_index() > 0:
+    log = _quiet
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
@@ -677,6 +779,12 @@ def run(config, workdir: str, log=print) -> dict:
     if config[section][name] % shards:
       raise ConfigError(f"config.{field}={config[section][name]} must be a multiple of "
                         f"data*fsdp={shards} (config.mesh)")
+  n = config.optim.grad_accum
+  for what, rows in update_batches(config) if n > 1 else ():
+    if (rows // n) % shards:
+      raise ConfigError(f"config.optim.grad_accum={n} leaves microbatches of {rows // n} rows "
+                        f"of {what} ({rows} rows), not a multiple of data*fsdp={shards} "
+                        "(config.mesh)")
   writer = _make_writer(workdir) if jax.process_index() == 0 else None
   params = sharding.init_sharded_params(cfg, jax.random.key(config.seed), mesh)
 
@@ -696,7 +804,8 @@ def run(config, workdir: str, log=print) -> dict:
 
   test = _subset(task.splits["test"], config.eval.test_examples, config.seed + 1)
   metrics = eval_lib.evaluate_model(params, test, cfg=cfg, layout=layout,
-                                    batch_size=config.eval.batch_size, gain=config.reward.gain)
+                                    batch_size=config.eval.batch_size, gain=config.reward.gain,
+                                    mesh=mesh)
   oracle, refs = reference_metrics(task, test, config)
   steps = (0 if config.sft.init_from else config.sft.steps) + config.rl.steps
   result = {"algorithm": config.algorithm, "task": task.name, "dataset": task.dataset,
@@ -715,7 +824,7 @@ def run(config, workdir: str, log=print) -> dict:
     log(f"[test] {name}: {_fmt(r)}")
   log(f"[done] {time.time() - t_start:.0f}s, wrote {os.path.join(workdir, 'eval.json')}")
   if config.eval.show_examples:
-    show_examples(params, task, test, config, cfg, layout, config.eval.show_examples, log)
+    show_examples(params, task, test, config, cfg, layout, config.eval.show_examples, log, mesh)
   return result
 
 
