@@ -57,7 +57,7 @@ def get_config(arg=None):
   c.model.rope_theta = 10000.0  # rotary base
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (weights stay float32)
   c.model.remat = "none"  # rematerialise layers in backward: none | full
-  c.model.hf_checkpoint = ""  # local Hugging Face checkpoint dir; its config.json replaces the sizes
+  c.model.hf_checkpoint = ""  # local Hugging Face checkpoint dir (its config.json sets the sizes)
   c.model.lora_rank = 0  # LoRA adapter rank r (0 = off: train all weights); the base stays frozen
   c.model.lora_alpha = 16.0  # LoRA alpha: the update is (alpha / r) * A @ B
   c.model.lora_targets = LORA_TARGETS  # projections that get adapters (comma-separated)

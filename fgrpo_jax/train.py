@@ -155,10 +155,9 @@ def build_model(config, vocab_size: int, mesh, log=print):
   lcfg = lora_lib.config_from_model_config(config.model)
   if lcfg is None:
     return cfg, base, None
-  shapes = lora_lib.adapter_shapes(cfg, lcfg)
-  adapters = jax.jit(lambda k: lora_lib.init_adapters(cfg, lcfg, k),
-                     out_shardings=sharding.param_shardings(shapes, mesh))(
-                         jax.random.fold_in(key, 1))
+  # Adapters are small: created whole, then split by their partition rules.
+  adapters = sharding.shard_params(lora_lib.init_adapters(cfg, lcfg, jax.random.fold_in(key, 1)),
+                                   mesh)
   log(f"LoRA: rank {lcfg.rank}, alpha {lcfg.alpha:g} on {','.join(lcfg.targets)}: "
       f"{llama.count_params(adapters) / 1e6:.3f}M trainable params, the base is frozen")
   return cfg, adapters, lora_lib.Frozen(base, lcfg.scale)
@@ -418,8 +417,8 @@ def decoupled_step(state: TrainState, ref_params, batch, key, *, cfg, layout, op
 
   b1 = _half(batch, True)
   mb1 = _model_batch(b1)
-  ro = rollout_lib.sample(view(sel), mb1, k_sel, cfg=cfg, layout=layout, group_size=s.group_size,
-                          temperature=s.temperature)
+  ro = rollout_lib.sample(view(sel), mb1, k_sel, cfg=cfg, layout=layout,
+                          group_size=s.group_size, temperature=s.temperature)
   r_gen, _ = rollout_rewards(ro, b1["relevance"], s, layout.rank_size)
   a_gen = R.group_advantages(r_gen, mode=s.advantage)
   adv = R.token_advantages(ro.phase_ids, {R.PHASE_GEN: a_gen})
@@ -430,10 +429,12 @@ def decoupled_step(state: TrainState, ref_params, batch, key, *, cfg, layout, op
 
   b2 = _half(batch, False)
   mb2 = _model_batch(b2)
-  slate = rollout_lib.sample(view(state.params["selector"]), mb2, k_slate, cfg=cfg, layout=layout,
-                             group_size=1, temperature=s.temperature).slate[:, 0]
-  ro2 = rollout_lib.sample(view(rnk), mb2, k_rank, cfg=cfg, layout=layout, group_size=s.group_size,
-                           temperature=s.temperature, given_slate=slate)
+  slate = rollout_lib.sample(view(state.params["selector"]), mb2, k_slate, cfg=cfg,
+                             layout=layout, group_size=1,
+                             temperature=s.temperature).slate[:, 0]
+  ro2 = rollout_lib.sample(view(rnk), mb2, k_rank, cfg=cfg, layout=layout,
+                           group_size=s.group_size, temperature=s.temperature,
+                           given_slate=slate)
   _, r_rank = rollout_rewards(ro2, b2["relevance"], s, layout.rank_size)
   a_rank = R.group_advantages(r_rank, mode=s.advantage)
   adv2 = R.token_advantages(ro2.phase_ids, {R.PHASE_RANK: a_rank})
@@ -689,15 +690,15 @@ def run(config, workdir: str, log=print) -> dict:
   validate_config(config, pool_size=task.pool_size)
   layout = task.layout_fn(config.rollout.slate_size, config.rollout.rank_size)
   mesh = sharding.make_mesh(config.get("mesh"))
-  cfg, params, frozen = build_model(config, task.vocab_size, mesh, log)
-  log(f"task {task.dataset}: {task.info} | model {llama.count_params(llama.param_shapes(cfg))/1e6:.2f}M"
-      f" params | devices {jax.devices()}")
   shards = sharding.batch_shards(mesh)
   for field in ("sft.batch_size", "rl.batch_prompts", "eval.batch_size"):
     section, name = field.split(".")
     if config[section][name] % shards:
       raise ConfigError(f"config.{field}={config[section][name]} must be a multiple of "
                         f"data*fsdp={shards} (config.mesh)")
+  cfg, params, frozen = build_model(config, task.vocab_size, mesh, log)
+  log(f"task {task.dataset}: {task.info} | model {llama.count_params(llama.param_shapes(cfg))/1e6:.2f}M"
+      f" params | devices {jax.devices()}")
   writer = _make_writer(workdir) if jax.process_index() == 0 else None
   if jax.process_index() == 0:  # what fgrpo_jax.export needs to rebuild the model
     write_json_atomic(os.path.join(workdir, RUN_CONFIG),

@@ -17,24 +17,27 @@ argument: no base gradient, no optimizer state for it). Why merge instead of a
 low-rank path x @ W + s * (x @ A) @ B inside every matmul:
 
 - exact and single-path: sampling, teacher-forced log-probs, evaluation and export
-  all run the very same kernels, so the PPO ratio is exactly 1 on fresh rollouts
-  and the exported merged checkpoint reproduces the trained policy bit for bit;
+  all use the same merged weights, so LoRA adds no second numerical path between
+  the sampler and the learner, and the exported (float32) merged checkpoint
+  reproduces the trained policy bit for bit;
 - no change to `llama.py`, the sampler or the KV cache;
 - cheap: merging a target costs L*in*out*r multiply-adds, what its matmuls cost
   on r tokens of a forward pass, and a step merges once for all its B*G*T tokens.
 
 The price is memory: the merged copy of the targeted kernels and, in the backward
 pass, their full-size cotangent (from which dA = dW B^T and dB = A^T dW are
-projected) exist transiently. That is the base's size, not an optimizer state's
-three times it; a low-rank path in the matmuls would avoid it for multi-billion
-parameter backbones that barely fit (not needed here).
+projected) exist transiently, twice the targeted kernels' size. Full fine-tuning
+keeps a gradient and two AdamW moments of every weight alive for the whole run;
+still, for multi-billion-parameter backbones that barely fit, a low-rank path in the
+matmuls would avoid even the transient copies (not needed at our sizes).
 
 Files (`save_adapters` / `load_adapters`), the Hugging Face PEFT layout:
 
     adapter_config.json        {"peft_type": "LORA", "r": r, "lora_alpha": alpha,
                                 "target_modules": [...], "base_model_name_or_path": ...}
-    adapter_model.safetensors  base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_A.weight [r, in]
-                               base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_B.weight [out, r]
+    adapter_model.safetensors  for each layer i and target, e.g. q_proj (mlp.* for the MLP):
+      base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight  [r, in]
+      base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight  [out, r]
 
 (torch `nn.Linear` weights are [out, in], so lora_A/lora_B are our lora_a/lora_b
 transposed per layer; PEFT computes the same W + alpha/r * B A.)
@@ -43,6 +46,7 @@ transposed per layer; PEFT computes the same W + alpha/r * B A.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -119,6 +123,7 @@ def adapter_shapes(cfg: ModelConfig, lcfg: LoraConfig) -> Params:
   return {"layers": out}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def init_adapters(cfg: ModelConfig, lcfg: LoraConfig, key: jax.Array) -> Params:
   """Fresh adapters: lora_a ~ N(0, 1/in) [L, in, r], lora_b = 0 [L, r, out].
 
