@@ -17,6 +17,7 @@ published dataset from `--config.data.path` (docs/datasets.md lists the formats)
 
 import ml_collections
 
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # all projections
 
 REAL = ("movielens", "lastfm", "amazon")  # variants reading a published dataset
 ABLATIONS = {
@@ -70,7 +71,10 @@ def get_config(arg=None):
   c.model.rope_theta = 10000.0  # rotary base
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (weights stay float32)
   c.model.remat = "none"  # rematerialise layers in backward: none | full
-  c.model.hf_checkpoint = ""  # local Hugging Face checkpoint directory (overrides sizes)
+  c.model.hf_checkpoint = ""  # local Hugging Face checkpoint dir (its config.json sets the sizes)
+  c.model.lora_rank = 0  # LoRA adapter rank r (0 = off: train all weights); the base stays frozen
+  c.model.lora_alpha = 16.0  # LoRA alpha: the update is (alpha / r) * A @ B
+  c.model.lora_targets = LORA_TARGETS  # projections that get adapters (comma-separated)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.slate_size = 10  # k: candidates written in the slate
@@ -111,7 +115,7 @@ def get_config(arg=None):
   c.rl.eps_low = 0.2  # lower clip range of the ratio
   c.rl.eps_high = 0.28  # upper clip range of the ratio (clip-higher)
   c.rl.ratio = "token"  # importance ratio: token | phase (exp of mean log-ratio per phase)
-  c.rl.kl_coef = 0.0  # beta of the KL penalty to the frozen SFT policy (0 = off)
+  c.rl.kl_coef = 0.0  # beta of the KL penalty to the frozen SFT policy (LoRA: the base; 0 = off)
   c.rl.kl_estimator = "k3"  # k1 | k3
 
   c.optim = ml_collections.ConfigDict()

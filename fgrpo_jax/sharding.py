@@ -50,6 +50,12 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
     (r"layers/(q|k|v|gate|up)_proj", P(None, "fsdp", "tensor")),
     (r"layers/(o|down)_proj", P(None, "tensor", "fsdp")),
     (r"layers/(q|k|v)_bias", P(None, "tensor")),
+    # LoRA adapters (models/lora.py): lora_a [L, in, r], lora_b [L, r, out] split like
+    # the kernel's in / out sides, so lora_a @ lora_b lands in the kernel's layout.
+    (r"layers/(q|k|v|gate|up)_proj/lora_a", P(None, "fsdp")),
+    (r"layers/(q|k|v|gate|up)_proj/lora_b", P(None, None, "tensor")),
+    (r"layers/(o|down)_proj/lora_a", P(None, "tensor")),
+    (r"layers/(o|down)_proj/lora_b", P(None, None, "fsdp")),
     (r".*", P()),  # norms, q/k norms, scalars: replicated (small)
 )
 

@@ -30,7 +30,9 @@ from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout as rollout_lib
 from fgrpo_jax import sharding
 from fgrpo_jax.data import tasks as tasks_lib
+from fgrpo_jax.models import hf
 from fgrpo_jax.models import llama
+from fgrpo_jax.models import lora as lora_lib
 from fgrpo_jax.errors import UserError
 
 ALGORITHMS = ("fgrpo", "grpo", "decoupled", "decoupled_sft", "sft")
@@ -97,6 +99,7 @@ def validate_config(config, pool_size: int | None = None):
   if bad:
     raise ConfigError(f"config.optim.grad_accum={n} must divide the batch of every gradient "
                       f"step; it does not divide {', '.join(bad)}")
+  _validate_lora(config.model)
 
 
 def make_layout(task, config) -> rollout_lib.Layout:
@@ -134,12 +137,78 @@ def update_batches(config) -> list[tuple[str, int]]:
   return out
 
 
+def _validate_lora(m):
+  rank = m.get("lora_rank", 0)
+  if not isinstance(rank, int) or rank < 0:
+    raise ConfigError(f"config.model.lora_rank={rank!r} must be an integer >= 0 (0 = no LoRA)")
+  if rank == 0:
+    return
+  if not m.lora_alpha > 0:
+    raise ConfigError(f"config.model.lora_alpha={m.lora_alpha!r} must be > 0")
+  try:
+    lora_lib.parse_targets(m.lora_targets)
+  except ValueError as e:
+    raise ConfigError(f"config.model.lora_targets={m.lora_targets!r}: {e}") from None
+
+
 def model_config(config, vocab_size: int) -> llama.ModelConfig:
   m = config.model
   return llama.ModelConfig(
       vocab_size=vocab_size, num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
       num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, mlp_hidden=m.mlp_hidden,
       rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat)
+
+
+def pretrained_model_config(config, vocab_size: int) -> llama.ModelConfig:
+  """ModelConfig of config.model.hf_checkpoint (its config.json; the sizes in config.model
+  are ignored), compute dtype config.model.dtype, remat config.model.remat."""
+  path = config.model.hf_checkpoint
+  try:
+    hf_config, source = hf.read_hf_config(path)
+    cfg = hf.config_from_hf(hf_config, dtype=config.model.dtype, source=str(source))
+  except UserError as e:
+    raise ConfigError(f"config.model.hf_checkpoint: {e}") from None
+  if vocab_size > cfg.vocab_size:
+    raise ConfigError(
+        f"config.model.hf_checkpoint: the task's token ids need a vocabulary of {vocab_size} "
+        f"but {source} has vocab_size={cfg.vocab_size}")
+  return dataclasses.replace(cfg, remat=config.model.remat)
+
+
+def build_model(config, vocab_size: int, mesh, log=print):
+  """(cfg, params, frozen) of a run, placed on the mesh.
+
+  The backbone is a random init from config.model's sizes, or the Hugging Face
+  checkpoint config.model.hf_checkpoint (its parameters kept in float32 with the
+  partition-rule shardings; compute in config.model.dtype). Without LoRA, params is
+  the backbone and frozen is None; with config.model.lora_rank > 0, params are fresh
+  adapters (the only trainable, checkpointed tree) and frozen = lora.Frozen(backbone,
+  alpha / rank).
+  """
+  key = jax.random.key(config.seed)
+  path = config.model.get("hf_checkpoint", "")
+  if path:
+    cfg = pretrained_model_config(config, vocab_size)
+    shardings = sharding.param_shardings(llama.param_shapes(cfg), mesh)
+    try:
+      base = hf.load_hf_params(path, cfg, dtype="float32", shardings=shardings)
+    except UserError as e:
+      raise ConfigError(f"config.model.hf_checkpoint: {e}") from None
+    log(f"model: {path} ({llama.count_params(base) / 1e6:.2f}M params, vocab "
+        f"{cfg.vocab_size}, {cfg.num_layers} layers, hidden {cfg.hidden}); the sizes in "
+        "config.model are ignored")
+  else:
+    cfg = model_config(config, vocab_size)
+    base = sharding.init_sharded_params(cfg, key, mesh)
+  lcfg = lora_lib.config_from_model_config(config.model)
+  if lcfg is None:
+    return cfg, base, None
+  # Adapters are small: created whole, then split by their partition rules.
+  adapters = sharding.shard_params(lora_lib.init_adapters(cfg, lcfg, jax.random.fold_in(key, 1)),
+                                   mesh)
+  log(f"LoRA: rank {lcfg.rank}, alpha {lcfg.alpha:g} on {','.join(lcfg.targets)}: "
+      f"{llama.count_params(adapters) / 1e6:.3f}M trainable params, the base is frozen")
+  return cfg, adapters, lora_lib.Frozen(base, lcfg.scale)
 
 
 def make_optimizer(optim, peak_lr: float, total_steps: int) -> optax.GradientTransformation:
@@ -265,7 +334,7 @@ def accumulated_value_and_grad(loss_fn, params, data, n: int):
 
 def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
                supervise="relevant", slate_order="random",
-               phases=(R.PHASE_GEN, R.PHASE_RANK), grad_accum: int = 1):
+               phases=(R.PHASE_GEN, R.PHASE_RANK), grad_accum: int = 1, frozen=None):
   """One teacher-forcing update on gold sequences (G = 1) -> (params, opt_state, metrics).
 
   batch: dict of [B, ...] arrays (MODEL_KEYS[1:]).
@@ -275,6 +344,7 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   phases: which phases carry loss (a decoupled selector learns only the slate).
   In free decoding the model writes the tags itself, so they carry loss too.
   grad_accum: microbatches of B / grad_accum rows per gradient (same result).
+  frozen: None, or the lora.Frozen base when `params` are LoRA adapters.
   """
   if not layout.constrained:
     phases = (*phases, R.PHASE_TAG)
@@ -293,7 +363,8 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
             (("loss", phases), ("gen", (R.PHASE_GEN,)), ("rank", (R.PHASE_RANK,)))}
 
   def loss_fn(params, rows):
-    lp, _ = rollout_lib.sequence_logprobs(params, _model_batch(rows), rows["choices"], cfg=cfg,
+    lp, _ = rollout_lib.sequence_logprobs(lora_lib.model_params(params, frozen),
+                                          _model_batch(rows), rows["choices"], cfg=cfg,
                                           layout=layout)
     ids = rows["phase_ids"]
     loss = objectives.sft_loss(lp, ids, phases, counts["loss"])
@@ -314,18 +385,19 @@ SFT_STATIC = ("cfg", "layout", "optimizer", "supervise", "slate_order", "grad_ac
 
 @functools.partial(jax.jit, static_argnames=SFT_STATIC, donate_argnums=0)
 def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise="relevant",
-             slate_order="random", grad_accum=1):
-  """SFT of the one policy that writes both phases."""
+             slate_order="random", grad_accum=1, frozen=None):
+  """SFT of the one policy that writes both phases (frozen: the LoRA base or None)."""
   params, opt_state, metrics = sft_update(state.params, state.opt_state, batch, key, cfg=cfg,
                                           layout=layout, optimizer=optimizer,
                                           supervise=supervise, slate_order=slate_order,
-                                          grad_accum=grad_accum)
+                                          grad_accum=grad_accum, frozen=frozen)
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
 @functools.partial(jax.jit, static_argnames=SFT_STATIC, donate_argnums=0)
 def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
-                       supervise="relevant", slate_order="random", grad_accum=1):
+                       supervise="relevant", slate_order="random", grad_accum=1,
+                       frozen=None):
   """SFT of a decoupled pair: the selector on gold slates, the ranker on gold rankings."""
   out_p, out_o, metrics = {}, {}, {}
   for role, phases, half in (("selector", (R.PHASE_GEN,), True),
@@ -333,7 +405,7 @@ def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
     out_p[role], out_o[role], m = sft_update(
         state.params[role], state.opt_state[role], _half(batch, half), key, cfg=cfg,
         layout=layout, optimizer=optimizer, supervise=supervise, slate_order=slate_order,
-        phases=phases, grad_accum=grad_accum)
+        phases=phases, grad_accum=grad_accum, frozen=frozen)
     metrics.update({f"{role}_{k}": v for k, v in m.items()})
   metrics["loss"] = metrics["selector_loss"] + metrics["ranker_loss"]
   metrics["grad_norm"] = metrics["selector_grad_norm"] + metrics["ranker_grad_norm"]
@@ -364,13 +436,15 @@ def _stats(prefix, x):
 
 
 def policy_update(params, opt_state, mb, ro: rollout_lib.Rollout, token_adv, groups, ref_params,
-                  *, cfg, layout, optimizer, settings: RLSettings):
+                  *, cfg, layout, optimizer, settings: RLSettings, frozen=None):
   """`settings.inner_steps` clipped-surrogate updates of one policy on its rollouts.
 
   mb: model inputs of B prompts; ro: their rollouts [B, G, ...]; token_adv f32
   [B, G, T]. Each gradient is accumulated over `settings.grad_accum` microbatches
   of B / grad_accum prompts (with all their G rollouts); the losses are normalised
   by token counts of the whole batch, so the gradient is the full batch's.
+  frozen: None, or the lora.Frozen base when `params` are LoRA adapters.
+
   Returns (params, opt_state, metrics) — metrics of the first inner step, plus the
   clip fraction and drift of the last (where the ratio is no longer 1).
   """
@@ -382,8 +456,9 @@ def policy_update(params, opt_state, mb, ro: rollout_lib.Rollout, token_adv, gro
   counts = objectives.token_counts(ro.phase_ids, groups)  # of the whole batch
 
   def loss_fn(params, rows):
-    lp, ent = rollout_lib.rollout_logprobs(params, rows["mb"], rows["ro"], cfg=cfg,
-                                           layout=layout, temperature=s.temperature)
+    lp, ent = rollout_lib.rollout_logprobs(lora_lib.model_params(params, frozen), rows["mb"],
+                                           rows["ro"], cfg=cfg, layout=layout,
+                                           temperature=s.temperature)
     ro_rows = rows["ro"]
     loss, aux = objectives.clipped_surrogate(lp, ro_rows.logprobs, rows["adv"],
                                              ro_rows.phase_ids, groups, s.loss,
@@ -413,18 +488,21 @@ def _advantage_stats(adv):
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "settings"),
                    donate_argnums=0)
 def rl_step(state: TrainState, ref_params, batch, key, *, cfg, layout, optimizer,
-            settings: RLSettings):
-  """F-GRPO / GRPO: rollout -> rewards -> group advantages -> clipped-surrogate updates."""
+            settings: RLSettings, frozen=None):
+  """F-GRPO / GRPO: rollout -> rewards -> group advantages -> clipped-surrogate updates.
+
+  frozen: None, or the lora.Frozen base when state.params are LoRA adapters.
+  """
   s = settings
   mb = _model_batch(batch)
-  ro = rollout_lib.sample(state.params, mb, key, cfg=cfg, layout=layout,
-                          group_size=s.group_size, temperature=s.temperature)
+  ro = rollout_lib.sample(lora_lib.model_params(state.params, frozen), mb, key, cfg=cfg,
+                          layout=layout, group_size=s.group_size, temperature=s.temperature)
   r_gen, r_rank = rollout_rewards(ro, batch["relevance"], s, layout.rank_size)
   token_adv, adv = rl_advantages(r_gen, r_rank, ro.phase_ids, s)
   groups = objectives.GRPO_GROUPS if s.algorithm == "grpo" else objectives.fgrpo_groups(s.lam)
   params, opt_state, metrics = policy_update(
       state.params, state.opt_state, mb, ro, token_adv, groups, ref_params, cfg=cfg,
-      layout=layout, optimizer=optimizer, settings=s)
+      layout=layout, optimizer=optimizer, settings=s, frozen=frozen)
   metrics.update(**_stats("reward_gen", r_gen), **_stats("reward_rank", r_rank),
                  **_advantage_stats(adv), format_valid=jnp.mean(parse_lib.validity(ro.errors)))
   return TrainState(params, opt_state, state.step + 1), metrics
@@ -439,41 +517,47 @@ def _half(batch, first: bool):
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "settings"),
                    donate_argnums=0)
 def decoupled_step(state: TrainState, ref_params, batch, key, *, cfg, layout, optimizer,
-                   settings: RLSettings):
+                   settings: RLSettings, frozen=None):
   """Decoupled pipeline: a selector (R_gen) and a ranker (R_rank) as two policies.
 
   params = {"selector": ..., "ranker": ...}. The rollout budget equals F-GRPO's: the
   first half of the prompts gives G selector rollouts each; on the second half the
   selector samples one slate per prompt and the ranker G rankings of that slate.
+  With LoRA (frozen = the base) the two roles are two adapter sets on one base.
   """
   s = settings
   k_sel, k_slate, k_rank = jax.random.split(key, 3)
   sel, rnk = state.params["selector"], state.params["ranker"]
   ref = {"selector": ref_params, "ranker": ref_params}
+  view = functools.partial(lora_lib.model_params, frozen=frozen)
 
   b1 = _half(batch, True)
   mb1 = _model_batch(b1)
-  ro = rollout_lib.sample(sel, mb1, k_sel, cfg=cfg, layout=layout, group_size=s.group_size,
-                          temperature=s.temperature)
+  ro = rollout_lib.sample(view(sel), mb1, k_sel, cfg=cfg, layout=layout,
+                          group_size=s.group_size, temperature=s.temperature)
   r_gen, _ = rollout_rewards(ro, b1["relevance"], s, layout.rank_size)
   a_gen = R.group_advantages(r_gen, mode=s.advantage)
   adv = R.token_advantages(ro.phase_ids, {R.PHASE_GEN: a_gen})
   sel, sel_opt, m_sel = policy_update(sel, state.opt_state["selector"], mb1, ro, adv,
                                       (((R.PHASE_GEN,), 1.0),), ref["selector"], cfg=cfg,
-                                      layout=layout, optimizer=optimizer, settings=s)
+                                      layout=layout, optimizer=optimizer, settings=s,
+                                      frozen=frozen)
 
   b2 = _half(batch, False)
   mb2 = _model_batch(b2)
-  slate = rollout_lib.sample(state.params["selector"], mb2, k_slate, cfg=cfg, layout=layout,
-                             group_size=1, temperature=s.temperature).slate[:, 0]
-  ro2 = rollout_lib.sample(rnk, mb2, k_rank, cfg=cfg, layout=layout, group_size=s.group_size,
-                           temperature=s.temperature, given_slate=slate)
+  slate = rollout_lib.sample(view(state.params["selector"]), mb2, k_slate, cfg=cfg,
+                             layout=layout, group_size=1,
+                             temperature=s.temperature).slate[:, 0]
+  ro2 = rollout_lib.sample(view(rnk), mb2, k_rank, cfg=cfg, layout=layout,
+                           group_size=s.group_size, temperature=s.temperature,
+                           given_slate=slate)
   _, r_rank = rollout_rewards(ro2, b2["relevance"], s, layout.rank_size)
   a_rank = R.group_advantages(r_rank, mode=s.advantage)
   adv2 = R.token_advantages(ro2.phase_ids, {R.PHASE_RANK: a_rank})
   rnk, rnk_opt, m_rnk = policy_update(rnk, state.opt_state["ranker"], mb2, ro2, adv2,
                                       (((R.PHASE_RANK,), 1.0),), ref["ranker"], cfg=cfg,
-                                      layout=layout, optimizer=optimizer, settings=s)
+                                      layout=layout, optimizer=optimizer, settings=s,
+                                      frozen=frozen)
   metrics = {**{f"selector_{k}": v for k, v in m_sel.items()},
              **{f"ranker_{k}": v for k, v in m_rnk.items()},
              "grad_norm": m_sel["grad_norm"] + m_rnk["grad_norm"],
@@ -548,6 +632,7 @@ def _make_writer(workdir):
 
 
 RL_ALGORITHMS = ("fgrpo", "grpo", "decoupled")
+RUN_CONFIG = "run_config.json"  # the run's config and task vocabulary, for fgrpo_jax.export
 DECOUPLED = ("decoupled", "decoupled_sft")
 
 
@@ -584,6 +669,13 @@ def _stage_sizes(stage: str, config):
   return (config.rl.steps, config.rl.batch_prompts * config.rollout.group_size, config.sft.lr)
 
 
+def policy_params(params, frozen):
+  """The params the model runs with: merges LoRA adapters (each role's, for a pair)."""
+  if frozen is not None and isinstance(params, dict) and "selector" in params:
+    return {role: lora_lib.merged(p, frozen) for role, p in params.items()}
+  return lora_lib.merged(params, frozen)
+
+
 def append_jsonl(path: str, record: dict) -> None:
   if jax.process_index() == 0:
     with open(path, "a") as f:
@@ -591,19 +683,23 @@ def append_jsonl(path: str, record: dict) -> None:
 
 
 def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer, mesh,
-              log=print):
+              log=print, frozen=None):
   """Runs one stage from `params`, resuming from its checkpoints. Returns the params.
 
   stage: "sft" (warm start), "rl" (fgrpo/grpo/decoupled) or "sft_more" (the SFT
   baselines' continuation, same number of sequences as RL's rollouts).
+  frozen: None, or the lora.Frozen base: `params` are then LoRA adapters, the only
+  thing trained and checkpointed, and the KL reference is the base without them.
   """
   total, batch_size, lr = _stage_sizes(stage, config)
   optimizer = make_optimizer(config.optim, lr, total)
   rep = sharding.replicated(mesh)
   params = sharding.shard_params(params, mesh)
-  # Copies: the train state's buffers are donated to the step, these must survive.
-  ref_params = (jax.tree.map(jnp.copy, params)
-                if (stage == "rl" and config.rl.kl_coef > 0) else None)
+  ref_params = None
+  if stage == "rl" and config.rl.kl_coef > 0:
+    # Copies: the train state's buffers are donated to the step, these must survive.
+    # With LoRA the reference is the frozen base itself (never donated, no copy).
+    ref_params = frozen.params if frozen is not None else jax.tree.map(jnp.copy, params)
   pair = stage != "sft" and config.algorithm in DECOUPLED
   if pair:  # both start from the warm start
     params = {"selector": params, "ranker": jax.tree.map(jnp.copy, params)}
@@ -641,7 +737,8 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
     else:  # this host's rows, read from its shard of the array_record files
       rows = {k: v for k, v in next(stream).items() if k in MODEL_KEYS}
     batch = sharding.shard_batch(rows, mesh)
-    state, metrics = step_fn(state, *ref_args, batch, jax.random.fold_in(base_key, step), **static)
+    state, metrics = step_fn(state, *ref_args, batch, jax.random.fold_in(base_key, step),
+                             frozen=frozen, **static)
     done = step + 1
     if done % config.log_every == 0 or done == total:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -654,8 +751,8 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
       append_jsonl(history, {"stage": stage, "step": done, **metrics})
       log(console.line(done, metrics, keys))
     if config.eval.every and (done % config.eval.every == 0 or done == total):
-      val_metrics = eval_lib.evaluate_model(state.params, val, cfg=cfg, layout=layout,
-                                            batch_size=config.eval.batch_size,
+      val_metrics = eval_lib.evaluate_model(policy_params(state.params, frozen), val, cfg=cfg,
+                                            layout=layout, batch_size=config.eval.batch_size,
                                             gain=config.reward.gain, mesh=mesh)
       _write_metrics(writer, done, {f"{stage}/val_{k}": v for k, v in val_metrics.items()})
       append_jsonl(history, {"stage": stage, "step": done,
@@ -769,9 +866,6 @@ def run(config, workdir: str, log=print) -> dict:
   task = tasks_lib.load_task(config, workdir, log)
   validate_config(config, pool_size=task.pool_size)
   layout = make_layout(task, config)
-  cfg = model_config(config, task.vocab_size)
-  log(f"task {task.dataset}: {task.info} | model {llama.count_params(llama.param_shapes(cfg))/1e6:.2f}M"
-      f" params | devices {jax.devices()}")
   mesh = sharding.make_mesh(config.get("mesh"))
   shards = sharding.batch_shards(mesh)
   for field in ("sft.batch_size", "rl.batch_prompts", "eval.batch_size"):
@@ -785,8 +879,13 @@ def run(config, workdir: str, log=print) -> dict:
       raise ConfigError(f"config.optim.grad_accum={n} leaves microbatches of {rows // n} rows "
                         f"of {what} ({rows} rows), not a multiple of data*fsdp={shards} "
                         "(config.mesh)")
+  cfg, params, frozen = build_model(config, task.vocab_size, mesh, log)
+  log(f"task {task.dataset}: {task.info} | model {llama.count_params(llama.param_shapes(cfg))/1e6:.2f}M"
+      f" params | devices {jax.devices()}")
   writer = _make_writer(workdir) if jax.process_index() == 0 else None
-  params = sharding.init_sharded_params(cfg, jax.random.key(config.seed), mesh)
+  if jax.process_index() == 0:  # what fgrpo_jax.export needs to rebuild the model
+    write_json_atomic(os.path.join(workdir, RUN_CONFIG),
+                      {"config": config.to_dict(), "vocab_size": task.vocab_size})
 
   stage2 = main_stage(config.algorithm)
   if config.mode == "train":
@@ -795,12 +894,15 @@ def run(config, workdir: str, log=print) -> dict:
       log(f"[sft] using SFT params of {config.sft.init_from}")
     elif config.sft.steps:
       params = run_stage("sft", params=params, task=task, cfg=cfg, layout=layout,
-                         config=config, workdir=workdir, writer=writer, mesh=mesh, log=log)
+                         config=config, workdir=workdir, writer=writer, mesh=mesh, log=log,
+                         frozen=frozen)
     if config.rl.steps:
       params = run_stage(stage2, params=params, task=task, cfg=cfg, layout=layout,
-                         config=config, workdir=workdir, writer=writer, mesh=mesh, log=log)
+                         config=config, workdir=workdir, writer=writer, mesh=mesh, log=log,
+                         frozen=frozen)
   else:
-    params = _latest_params(workdir, stage2, params, config, log)
+    params = _latest_params(workdir, params, config, log)
+  params = policy_params(params, frozen)
 
   test = _subset(task.splits["test"], config.eval.test_examples, config.seed + 1)
   metrics = eval_lib.evaluate_model(params, test, cfg=cfg, layout=layout,
@@ -828,17 +930,31 @@ def run(config, workdir: str, log=print) -> dict:
   return result
 
 
-def _latest_params(workdir, stage2, params, config, log):
-  """Parameters of the most advanced checkpoint in workdir (eval mode)."""
-  decoupled = {"selector": params, "ranker": params}
-  like = decoupled if config.algorithm in DECOUPLED else params
-  for stage in (stage2, "sft"):
+def latest_checkpoint(workdir, config, params):
+  """(stage, params) of the most advanced stage checkpoint in workdir, or (None, None).
+
+  `params` (the initial ones: full model, or LoRA adapters) give the restore layout.
+  """
+  like = {"selector": params, "ranker": params} if config.algorithm in DECOUPLED else params
+  for stage in (main_stage(config.algorithm), "sft"):
     restored = load_stage_params(workdir, stage, params if stage == "sft" else like,
                                  missing_ok=True)
     if restored is not None:
-      log(f"[eval] evaluating the latest {stage} params of {workdir}")
-      return restored
-  log(f"[eval] no checkpoint in {workdir}: evaluating the initial parameters")
+      return stage, restored
+  return None, None
+
+
+def _latest_params(workdir, params, config, log):
+  """Parameters of the most advanced checkpoint in workdir (eval mode), else `params`."""
+  stage, restored = latest_checkpoint(workdir, config, params)
+  if restored is not None:
+    log(f"[eval] evaluating the latest {stage} params of {workdir}")
+    return restored
+  if config.model.get("hf_checkpoint"):
+    log(f"[eval] no checkpoint in {workdir}: evaluating the pretrained weights of "
+        f"{config.model.hf_checkpoint} (zero-shot)")
+  else:
+    log(f"[eval] no checkpoint in {workdir}: evaluating the initial (random) parameters")
   return params
 
 

@@ -6,3 +6,39 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(tmp_path_factory):
+  """make(vocab_size=128, tokenizer=True) -> a tiny random Llama HF checkpoint directory.
+
+  Written with our own exporter (no torch); the tokenizer files are the word-level
+  tokenizer of tests/golden/hf/llama_tied (128 tokens). Cached per vocab/tokenizer.
+  """
+  import shutil
+  import jax
+  import numpy as np
+  from fgrpo_jax.models import hf, llama
+  made = {}
+
+  def make(vocab_size: int = 128, tokenizer: bool = True):
+    if (vocab_size, tokenizer) not in made:
+      cfg = llama.ModelConfig(vocab_size=vocab_size, num_layers=2, hidden=32, num_heads=4,
+                              num_kv_heads=2, head_dim=8, mlp_hidden=64)
+      rng = np.random.default_rng(vocab_size)  # numpy: no init compile in the tests
+      params = jax.tree_util.tree_map_with_path(
+          lambda path, x: (1.0 if "norm" in str(path[-1]) else 0.0)
+          + rng.normal(0.0, 0.2, x.shape).astype(np.float32), llama.param_shapes(cfg))
+      out = tmp_path_factory.mktemp("hf") / f"llama_v{vocab_size}"
+      hf.save_hf_checkpoint(params, cfg, out)
+      if tokenizer:
+        golden = os.path.join(os.path.dirname(__file__), "golden", "hf", "llama_tied")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+          shutil.copy(os.path.join(golden, name), out / name)
+      made[vocab_size, tokenizer] = out
+    return made[vocab_size, tokenizer]
+
+  return make
