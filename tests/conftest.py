@@ -16,7 +16,9 @@ def tiny_hf_checkpoint(tmp_path_factory):
   """make(vocab_size=128, tokenizer=True) -> a tiny random Llama HF checkpoint directory.
 
   Written with our own exporter (no torch); the tokenizer files are the word-level
-  tokenizer of tests/golden/hf/llama_tied (128 tokens). Cached per vocab/tokenizer.
+  tokenizer of tests/golden/hf/llama_tied (128 tokens), or with tokenizer="chat" the
+  tiny BPE chat tokenizer of fgrpo_jax/data/tiny_tokenizer.py (400 tokens, a chat
+  template, one-token identifiers). Cached per vocab/tokenizer.
   """
   import shutil
   import jax
@@ -34,7 +36,10 @@ def tiny_hf_checkpoint(tmp_path_factory):
           + rng.normal(0.0, 0.2, x.shape).astype(np.float32), llama.param_shapes(cfg))
       out = tmp_path_factory.mktemp("hf") / f"llama_v{vocab_size}"
       hf.save_hf_checkpoint(params, cfg, out)
-      if tokenizer:
+      if tokenizer == "chat":
+        from fgrpo_jax.data import tiny_tokenizer
+        tiny_tokenizer.make_tiny_tokenizer(str(out))
+      elif tokenizer:
         golden = os.path.join(os.path.dirname(__file__), "golden", "hf", "llama_tied")
         for name in ("tokenizer.json", "tokenizer_config.json"):
           shutil.copy(os.path.join(golden, name), out / name)
