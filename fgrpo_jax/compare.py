@@ -173,7 +173,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
     for ref, metrics in warm_result["references"].items():
       per_seed.setdefault(ref, []).append(metrics)
     if config.compare.pointwise and warm_result["task"] == "recsys":
-      task = tasks_lib.load_task(base)
+      task = tasks_lib.load_task(base, warm, log)
       mcfg = train.model_config(base, task.vocab_size)
       t_pw = time.time()
       params = pointwise.train_pointwise(task, base, mcfg,

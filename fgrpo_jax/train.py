@@ -844,8 +844,10 @@ def show_examples(params, task, arrays, config, cfg, layout, n: int, log=print, 
 
 
 def _eval_rows(mesh) -> int:
-  """Evaluation batches must split evenly over the batch shards and the processes."""
-  return math.lcm(sharding.batch_shards(mesh), jax.process_count())
+  """Evaluation batches must split evenly over the batch shards and the processes
+  (mesh None: one device, as in the notebook)."""
+  shards = 1 if mesh is None else sharding.batch_shards(mesh)
+  return math.lcm(shards, jax.process_count())
 
 
 def _quiet(*args, **kwargs):
