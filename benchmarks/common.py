@@ -245,33 +245,46 @@ def _attn_per_pair(cfg: llama.ModelConfig) -> float:
   return 4.0 * cfg.num_heads * cfg.head_dim  # q.k and p.v
 
 
-def prefill_flops(cfg, n_prompts: int, P: int, logits_per_prompt: int = 1) -> float:
+def _head(cfg, columns: int | None) -> float:
+  """Output-head FLOPs per token: all V logits, or only `columns` (the C candidate
+  tokens constrained decoding computes)."""
+  return 2.0 * cfg.hidden * (columns or cfg.vocab_size)
+
+
+def prefill_flops(cfg, n_prompts: int, P: int, logits_per_prompt: int = 1,
+                  columns: int | None = None) -> float:
   L = cfg.num_layers
   layers = L * n_prompts * (P * _dense_per_token(cfg) + P * P * _attn_per_pair(cfg))
-  return layers + n_prompts * logits_per_prompt * 2.0 * cfg.hidden * cfg.vocab_size
+  return layers + n_prompts * logits_per_prompt * _head(cfg, columns)
 
 
-def decode_flops(cfg, n_seqs: int, P: int, T: int, steps: int | None = None) -> float:
+def decode_flops(cfg, n_seqs: int, P: int, T: int, steps: int | None = None,
+                 columns: int | None = None) -> float:
   """`steps` decode steps (default T - 1) of n_seqs sequences, each attending to the
   P prefix slots and all T slots of its decode cache."""
   steps = T - 1 if steps is None else steps
   per_token = (cfg.num_layers * (_dense_per_token(cfg) + (P + T) * _attn_per_pair(cfg))
-               + 2.0 * cfg.hidden * cfg.vocab_size)
+               + _head(cfg, columns))
   return steps * n_seqs * per_token
 
 
-def rollout_flops(cfg, B: int, G: int, P: int, T: int, shared: bool = True) -> float:
-  """Shared prefill: B prompts; naive: B*G prompts. Then T-1 decode steps of B*G."""
-  return prefill_flops(cfg, B if shared else B * G, P) + decode_flops(cfg, B * G, P, T)
+def rollout_flops(cfg, B: int, G: int, P: int, T: int, shared: bool = True,
+                  columns: int | None = None) -> float:
+  """Shared prefill: B prompts; naive: B*G prompts. Then T-1 decode steps of B*G.
+  columns: logits computed per token (the pool size C for constrained decoding)."""
+  return (prefill_flops(cfg, B if shared else B * G, P, columns=columns)
+          + decode_flops(cfg, B * G, P, T, columns=columns))
 
 
-def completion_forward_flops(cfg, B: int, G: int, P: int, T: int) -> float:
+def completion_forward_flops(cfg, B: int, G: int, P: int, T: int,
+                             columns: int | None = None) -> float:
   """llama.completion_logits: prefill B prompts, then G*(T-1) completion tokens
-  attending to P prefix + T-1 own slots, logits of every completion token."""
+  attending to P prefix + T-1 own slots, logits of every completion token (all V,
+  or `columns` of them)."""
   L = cfg.num_layers
-  pre = prefill_flops(cfg, B, P)
+  pre = prefill_flops(cfg, B, P, columns=columns)
   comp = B * G * (T - 1) * (L * (_dense_per_token(cfg) + (P + T - 1) * _attn_per_pair(cfg))
-                            + 2.0 * cfg.hidden * cfg.vocab_size)
+                            + _head(cfg, columns))
   return pre + comp
 
 

@@ -202,8 +202,10 @@ def main(argv=None) -> int:
   peak = common.best_peak(peak_before, common.matmul_peak(a.peak_size))
   peak_fs = peak["matmul_flops_per_s"]
 
-  roll_flops = common.rollout_flops(cfg, B, G, P, T)
-  upd_flops = settings.inner_steps * 3.0 * common.completion_forward_flops(cfg, B, G, P, T)
+  C = a.pool  # constrained decoding and its teacher-forced log-probs compute C logits
+  roll_flops = common.rollout_flops(cfg, B, G, P, T, columns=C)
+  upd_flops = settings.inner_steps * 3.0 * common.completion_forward_flops(cfg, B, G, P, T,
+                                                                          columns=C)
   step_flops = roll_flops + upd_flops
   split = {
       "rollout_s": t_roll.median_s, "reward_s": t_rew.median_s, "update_s": t_upd.median_s,

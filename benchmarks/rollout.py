@@ -46,9 +46,8 @@ SWEEPS = {
 # The naive baseline: every group member prefills its own copy of the prompt.
 
 
-def _masked_logprobs(logits, cand_tokens, allowed, temperature):
-  cand = jnp.take_along_axis(logits, cand_tokens, axis=-1) / temperature
-  return jax.nn.log_softmax(jnp.where(allowed, cand, -1e30), axis=-1)
+def _masked_logprobs(slot_logits, allowed, temperature):
+  return jax.nn.log_softmax(jnp.where(allowed, slot_logits / temperature, -1e30), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "group_size"))
@@ -69,7 +68,8 @@ def naive_sample(params, batch, key, *, cfg: llama.ModelConfig, layout: rollout_
   prompt, prompt_mask = rep(batch["prompt"]), rep(batch["prompt_mask"])
   cand = rep(batch["cand_tokens"])[:, None]  # [N, 1, C]
   pool = rep(batch["pool_mask"])[:, None].astype(bool)
-  first_logits, prefix = llama.prefill(params, prompt, cfg, prompt_mask)  # N prompts
+  cols = rep(batch["cand_tokens"])  # only the candidates' logits, as rollout.sample
+  first_logits, prefix = llama.prefill(params, prompt, cfg, prompt_mask, columns=cols)
   cache = llama.init_decode_cache(cfg, N, 1, T)
   kinds = jnp.asarray(layout.kinds)
   forced = jnp.asarray(layout.forced_tokens)
@@ -77,7 +77,7 @@ def naive_sample(params, batch, key, *, cfg: llama.ModelConfig, layout: rollout_
   def choose(t, logits, in_slate, ranked):
     kind = kinds[t]
     allowed = rollout_lib.allowed_slots(kind, in_slate, ranked, pool)
-    logp = _masked_logprobs(logits, cand, allowed, temperature)
+    logp = _masked_logprobs(logits, allowed, temperature)
     choice = jax.random.categorical(jax.random.fold_in(key, t), logp, axis=-1).astype(jnp.int32)
     is_choice = kind != rollout_lib.FORCED
     token = jnp.where(is_choice, jnp.take_along_axis(cand, choice[..., None], -1)[..., 0],
@@ -92,7 +92,8 @@ def naive_sample(params, batch, key, *, cfg: llama.ModelConfig, layout: rollout_
   def step(carry, t):
     logits, cache, in_slate, ranked = carry
     token, choice, lp, in_slate, ranked = choose(t, logits, in_slate, ranked)
-    logits, cache = llama.decode_step(params, prefix, cache, token, t, cfg)  # token [N, 1]
+    logits, cache = llama.decode_step(params, prefix, cache, token, t, cfg,
+                                      columns=cols)  # token [N, 1]
     return (logits, cache, in_slate, ranked), (token, choice, lp)
 
   empty = jnp.zeros((N, 1, C), bool)
@@ -137,15 +138,15 @@ def measure(a, repeats: int, naive: bool = False, params=None) -> dict[str, dict
   """Times one rollout configuration: {"shared": result} (+ "naive", timed in
   alternation with it). Each result: throughput, seconds, FLOPs, compile time."""
   cfg, lay, params, batch, key = _setup(a, params)
-  B, G, P, T = a.prompts, a.group, a.prompt_len, lay.length
+  B, G, P, T, C = a.prompts, a.group, a.prompt_len, lay.length, a.pool
   fns = {"shared": shared_sampler(params, batch, key, cfg, lay, G)}
   if naive:
     fns["naive"] = naive_sampler(params, batch, key, cfg, lay, G)
   ts = common.time_interleaved(fns, repeats)
-  out = {"shared": _result(ts["shared"], common.rollout_flops(cfg, B, G, P, T), B, G, T)}
+  flops = lambda shared: common.rollout_flops(cfg, B, G, P, T, shared=shared, columns=C)
+  out = {"shared": _result(ts["shared"], flops(True), B, G, T)}
   if naive:
-    out["naive"] = _result(ts["naive"], common.rollout_flops(cfg, B, G, P, T, shared=False),
-                           B, G, T)
+    out["naive"] = _result(ts["naive"], flops(False), B, G, T)
     # Same key, same Gumbel noise: the baseline must sample what the real sampler does
     # (up to float rounding flipping a near-tie).
     out["naive"]["same_tokens_frac"] = float(jnp.mean(ts["naive"].result[0]
@@ -192,7 +193,7 @@ def sweep(a, name: str, repeats: int, values=None) -> list[dict]:
   rows = []
   for i, v in enumerate(points):
     cfg, T = shapes[i]
-    r = _result(ts[i], common.rollout_flops(cfg, v.prompts, v.group, v.prompt_len, T),
+    r = _result(ts[i], common.rollout_flops(cfg, v.prompts, v.group, v.prompt_len, T, columns=v.pool),
                 v.prompts, v.group, T)
     r.update({name: v.sweep_value, "group": v.group, "pool": v.pool, "slate": v.slate,
               "rank": v.rank, "prompt_len": v.prompt_len})

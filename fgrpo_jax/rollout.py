@@ -158,10 +158,12 @@ def allowed_slots(kind, in_slate, ranked, pool_mask):
   return jnp.where(kind == CHOOSE_SLATE, gen, jnp.where(kind == CHOOSE_RANK, rank, False))
 
 
-def _constrained_logprobs(logits, cand_tokens, allowed, temperature):
-  """logits [..., V], cand_tokens [..., C] -> log-probs [..., C] over allowed slots."""
-  cand = jnp.take_along_axis(logits, cand_tokens, axis=-1) / temperature
-  cand = jnp.where(allowed, cand, _NEG_INF)
+def _constrained_logprobs(slot_logits, allowed, temperature):
+  """Logits of the pool slots' tokens [..., C] -> log-probs [..., C] over allowed slots.
+
+  The model computes only these C logits (llama `columns=cand_tokens`), never the
+  whole vocabulary."""
+  cand = jnp.where(allowed, slot_logits / temperature, _NEG_INF)
   return jax.nn.log_softmax(cand, axis=-1)
 
 
@@ -194,9 +196,9 @@ def sample(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout, group_
   cand_tokens, pool_mask = batch["cand_tokens"], batch["pool_mask"]
   B, C = cand_tokens.shape
   G, T = group_size, layout.length
-  first_logits, prefix = llama.prefill(params, prompt, cfg, prompt_mask)
+  first_logits, prefix = llama.prefill(params, prompt, cfg, prompt_mask, columns=cand_tokens)
   cache = llama.init_decode_cache(cfg, B, G, T)
-  logits = jnp.broadcast_to(first_logits[:, None], (B, G, first_logits.shape[-1]))
+  logits = jnp.broadcast_to(first_logits[:, None], (B, G, C))
   cand_bg = jnp.broadcast_to(cand_tokens[:, None], (B, G, C))
   pool_bg = jnp.broadcast_to(pool_mask[:, None], (B, G, C)).astype(bool)
   kinds = jnp.asarray(layout.kinds)
@@ -205,7 +207,7 @@ def sample(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout, group_
   def choose(t, logits, in_slate, ranked):
     kind = kinds[t]
     allowed = allowed_slots(kind, in_slate, ranked, pool_bg)
-    logp = _constrained_logprobs(logits, cand_bg, allowed, temperature)
+    logp = _constrained_logprobs(logits, allowed, temperature)
     if greedy:
       choice = jnp.argmax(logp, axis=-1)
     else:
@@ -227,7 +229,8 @@ def sample(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout, group_
   def step(carry, t):
     logits, cache, in_slate, ranked = carry
     token, choice, lp, in_slate, ranked = choose(t, logits, in_slate, ranked)
-    logits, cache = llama.decode_step(params, prefix, cache, token, t, cfg)
+    logits, cache = llama.decode_step(params, prefix, cache, token, t, cfg,
+                                      columns=cand_tokens)
     return (logits, cache, in_slate, ranked), (token, choice, lp)
 
   empty = jnp.zeros((B, G, C), bool)
@@ -410,13 +413,15 @@ def sequence_logprobs(params, batch, choices, *, cfg: llama.ModelConfig, layout:
   position: the tags too, since free decoding writes them.
   """
   tokens = tokens_from_choices(choices, batch["cand_tokens"], layout)
-  logits = llama.completion_logits(params, batch["prompt"], batch["prompt_mask"], tokens, cfg)
   if not layout.constrained:
+    logits = llama.completion_logits(params, batch["prompt"], batch["prompt_mask"], tokens,
+                                     cfg)
     return _full_vocab_logprobs(logits, tokens, temperature)
+  slot_logits = llama.completion_logits(params, batch["prompt"], batch["prompt_mask"], tokens,
+                                        cfg, columns=batch["cand_tokens"])  # [B, G, T, C]
   is_choice = choices >= 0
   allowed = allowed_masks(choices, layout, batch["pool_mask"][:, None])
-  cand = jnp.broadcast_to(batch["cand_tokens"][:, None, None], allowed.shape)
-  logp = _constrained_logprobs(logits, cand, allowed, temperature)  # [B, G, T, C]
+  logp = _constrained_logprobs(slot_logits, allowed, temperature)  # [B, G, T, C]
   lp = jnp.take_along_axis(logp, jnp.maximum(choices, 0)[..., None], -1)[..., 0]
   probs = jnp.exp(logp)
   entropy = -jnp.sum(jnp.where(allowed, probs * logp, 0.0), axis=-1)

@@ -47,6 +47,34 @@ def test_decode_with_cache_equals_full_forward(variant):
   np.testing.assert_allclose(shared, full, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_column_logits_equal_gathered_full_logits(tied):
+  """columns=cand_tokens gives exactly the gathered columns of the full-vocabulary logits,
+  in prefill, cached decode and the shared-prefix training forward."""
+  cfg = llama.ModelConfig(**{**CFG.__dict__, "tie_embeddings": tied})
+  params = _params(cfg)
+  B, G, P, T, C = 2, 3, 6, 4, 5
+  rng = np.random.default_rng(1)
+  prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, P)), jnp.int32)
+  completion = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, G, T)), jnp.int32)
+  columns = jnp.asarray(np.stack([rng.choice(cfg.vocab_size, C, replace=False)
+                                  for _ in range(B)]), jnp.int32)
+  gather = lambda full: jnp.take_along_axis(
+      full, columns.reshape((B,) + (1,) * (full.ndim - 2) + (C,)), axis=-1)
+  full_first, prefix = llama.prefill(params, prompt, cfg)
+  sub_first, _ = llama.prefill(params, prompt, cfg, columns=columns)
+  np.testing.assert_allclose(sub_first, gather(full_first), atol=1e-5, rtol=1e-5)
+  cache = llama.init_decode_cache(cfg, B, G, T)
+  full_step, _ = llama.decode_step(params, prefix, cache, completion[:, :, 0], jnp.int32(0), cfg)
+  sub_step, _ = llama.decode_step(params, prefix, cache, completion[:, :, 0], jnp.int32(0), cfg,
+                                  columns=columns)
+  np.testing.assert_allclose(sub_step, gather(full_step), atol=1e-5, rtol=1e-5)
+  full = llama.completion_logits(params, prompt, None, completion, cfg)
+  sub = llama.completion_logits(params, prompt, None, completion, cfg, columns=columns)
+  assert sub.shape == (B, G, T, C)
+  np.testing.assert_allclose(sub, gather(full), atol=1e-5, rtol=1e-5)
+
+
 def test_left_padding_matches_unpadded():
   params = _params()
   rng = np.random.default_rng(1)

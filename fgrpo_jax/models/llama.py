@@ -274,10 +274,17 @@ def _embed(params, tokens, cfg):
   return params["embed"][tokens].astype(cfg.compute_dtype)
 
 
-def _lm_head(params, x, cfg):
+def _lm_head(params, x, cfg, columns=None):
+  """Logits f32 of x [B, ..., h]: over the vocabulary [B, ..., V], or only over the
+  token ids `columns` int32 [B, C] -> [B, ..., C] (constrained decoding needs the C
+  candidate tokens, not a 150k-wide vocabulary)."""
   x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  return jnp.einsum("...h,hv->...v", x, w.astype(x.dtype),
+  if columns is None:
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return jnp.einsum("...h,hv->...v", x, w.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+  rows = params["embed"][columns] if cfg.tie_embeddings else params["lm_head"].T[columns]
+  return jnp.einsum("b...h,bch->b...c", x, rows.astype(x.dtype),
                     preferred_element_type=jnp.float32)
 
 
@@ -315,11 +322,12 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig,
 
 
 def prefill(params: Params, tokens: jax.Array, cfg: ModelConfig,
-            mask: jax.Array | None = None, all_logits: bool = False):
+            mask: jax.Array | None = None, all_logits: bool = False, columns=None):
   """Runs the prompts once. tokens [B, P], mask [B, P] (False = left padding).
 
   Returns (logits, PrefixCache): logits f32 [B, V] of the last position (the
-  distribution of the first completion token), or [B, P, V] with all_logits.
+  distribution of the first completion token), or [B, P, V] with all_logits;
+  with columns int32 [B, C], only those token ids' logits ([B, C] / [B, P, C]).
   """
   if mask is None:
     mask = jnp.ones(tokens.shape, bool)
@@ -336,8 +344,8 @@ def prefill(params: Params, tokens: jax.Array, cfg: ModelConfig,
   x = x[:, 0]
   cache = PrefixCache(k=k, v=v, mask=mask, length=mask.sum(-1).astype(jnp.int32))
   if all_logits:
-    return _lm_head(params, x, cfg), cache
-  return _lm_head(params, x[:, -1], cfg), cache
+    return _lm_head(params, x, cfg, columns), cache
+  return _lm_head(params, x[:, -1], cfg, columns), cache
 
 
 def init_decode_cache(cfg: ModelConfig, batch: int, group: int, length: int) -> DecodeCache:
@@ -347,12 +355,13 @@ def init_decode_cache(cfg: ModelConfig, batch: int, group: int, length: int) -> 
 
 
 def decode_step(params: Params, prefix: PrefixCache, cache: DecodeCache,
-                tokens: jax.Array, index: jax.Array, cfg: ModelConfig):
+                tokens: jax.Array, index: jax.Array, cfg: ModelConfig, columns=None):
   """Feeds one token per sequence and returns the next-token logits.
 
   tokens int32 [B, G] sit at completion position `index` (a scalar, the same for
   every sequence: decoding is lock-step with static shapes). Returns
-  (logits f32 [B, G, V], cache with position `index` written).
+  (logits f32 [B, G, V] or, with columns int32 [B, C], [B, G, C]; cache with
+  position `index` written).
   """
   B, G = tokens.shape
   S = cache.k.shape[3]
@@ -371,20 +380,21 @@ def decode_step(params: Params, prefix: PrefixCache, cache: DecodeCache,
     return _layer(lp, x, positions, cfg, kv, self_mask, (pk, pv, prefix.mask))
 
   x, (k, v) = _scan_layers(params, x, cfg, body, (prefix.k, prefix.v, cache.k, cache.v))
-  return _lm_head(params, x[:, :, 0], cfg), DecodeCache(k=k, v=v)
+  return _lm_head(params, x[:, :, 0], cfg, columns), DecodeCache(k=k, v=v)
 
 
 def completion_logits(params: Params, prompt: jax.Array, prompt_mask: jax.Array | None,
-                      completion: jax.Array, cfg: ModelConfig) -> jax.Array:
+                      completion: jax.Array, cfg: ModelConfig, columns=None) -> jax.Array:
   """Teacher-forced logits of G completions per prompt, prompt computed once.
 
   prompt int32 [B, P]; completion int32 [B, G, T]. Returns f32 [B, G, T, V], where
   [:, :, t] is the distribution of completion token t (t = 0 comes from the
-  prompt's last position, shared by the group). Gradients reach the prompt's keys
-  and values through every completion (prefix sharing).
+  prompt's last position, shared by the group); with columns int32 [B, C] only
+  those token ids' logits, [B, G, T, C]. Gradients reach the prompt's keys and
+  values through every completion (prefix sharing).
   """
   B, G, T = completion.shape
-  first, prefix = prefill(params, prompt, cfg, prompt_mask)
+  first, prefix = prefill(params, prompt, cfg, prompt_mask, columns=columns)
   if T == 1:
     return jnp.broadcast_to(first[:, None, None], (B, G, 1, first.shape[-1]))
   inputs = completion[:, :, :-1]  # token t-1 predicts token t
@@ -399,6 +409,6 @@ def completion_logits(params: Params, prompt: jax.Array, prompt_mask: jax.Array 
                   (pk, pv, prefix.mask))
 
   x, _ = _scan_layers(params, x, cfg, body, (prefix.k, prefix.v))
-  rest = _lm_head(params, x, cfg)
+  rest = _lm_head(params, x, cfg, columns)
   first = jnp.broadcast_to(first[:, None, None], (B, G, 1, first.shape[-1]))
   return jnp.concatenate([first, rest], axis=2)
