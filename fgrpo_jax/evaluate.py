@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgrpo_jax import parse as parse_lib
 from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout as rollout_lib
 from fgrpo_jax import sharding
@@ -85,7 +86,8 @@ def greedy_rollout(params, batch, *, cfg, layout):
   return sample(params, batch)
 
 
-def greedy_outputs(params, arrays, *, cfg, layout, batch_size: int, mesh=None):
+def greedy_outputs(params, arrays, *, cfg, layout, batch_size: int, mesh=None,
+                   with_validity: bool = False):
   """Greedy constrained rollouts over numpy arrays in fixed-size batches.
 
   The last batch is padded by repeating rows, so every call has the same shape
@@ -93,11 +95,12 @@ def greedy_outputs(params, arrays, *, cfg, layout, batch_size: int, mesh=None):
   rows of every batch (`sharding.process_batch_slice`), the batch is split over
   the mesh's batch axes, and the outputs are gathered back, so every process
   returns the same full arrays. Returns (slate [N, k], ranking [N, m], tokens [N, T])
-  numpy.
+  numpy, and with_validity also valid f32 [N]: the parser found the tags, counts
+  and identifiers well formed (always 1 in constrained decoding).
   """
   n = arrays["prompt"].shape[0]
   keys = ("prompt", "prompt_mask", "cand_tokens", "pool_mask")
-  slates, rankings, tokens = [], [], []
+  slates, rankings, tokens, valid = [], [], [], []
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n
     if mesh is None:
@@ -106,12 +109,15 @@ def greedy_outputs(params, arrays, *, cfg, layout, batch_size: int, mesh=None):
       rows = idx[sharding.process_batch_slice(batch_size)]
       batch = sharding.shard_batch({k: arrays[k][rows] for k in keys}, mesh)
     ro = greedy_rollout(params, batch, cfg=cfg, layout=layout)
-    slate, ranking, toks = sharding.gather_to_host((ro.slate, ro.ranking, ro.tokens))
+    slate, ranking, toks, ok = sharding.gather_to_host(
+        (ro.slate, ro.ranking, ro.tokens, parse_lib.validity(ro.errors)))
     keep = min(batch_size, n - start)
     slates.append(slate[:keep, 0])
     rankings.append(ranking[:keep, 0])
     tokens.append(toks[:keep, 0])
-  return np.concatenate(slates), np.concatenate(rankings), np.concatenate(tokens)
+    valid.append(ok[:keep, 0])
+  out = (np.concatenate(slates), np.concatenate(rankings), np.concatenate(tokens))
+  return out + (np.concatenate(valid),) if with_validity else out
 
 
 def evaluate_model(params, arrays, *, cfg, layout, batch_size: int, gain: str = "exp",
@@ -121,7 +127,11 @@ def evaluate_model(params, arrays, *, cfg, layout, batch_size: int, gain: str = 
   With a mesh the rollouts are sharded over it and gathered (see greedy_outputs),
   so on several hosts every process returns the same global metrics.
   """
-  slate, ranking, _ = greedy_outputs(params, arrays, cfg=cfg, layout=layout,
-                                     batch_size=batch_size, mesh=mesh)
-  return mean_metrics(ranking_metrics(slate, ranking, arrays["relevance"],
-                                      arrays["pool_mask"], gain=gain))
+  slate, ranking, _, valid = greedy_outputs(params, arrays, cfg=cfg, layout=layout,
+                                            batch_size=batch_size, mesh=mesh,
+                                            with_validity=True)
+  per_example = ranking_metrics(slate, ranking, arrays["relevance"], arrays["pool_mask"],
+                                gain=gain)
+  # Free decoding: missing tags or stray tokens also make a rollout malformed.
+  per_example["format_valid"] = per_example["format_valid"] * valid
+  return mean_metrics(per_example)

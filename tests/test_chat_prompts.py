@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from configs import recsys
+from fgrpo_jax import evaluate as eval_lib
 from fgrpo_jax import objectives
 from fgrpo_jax import parse
 from fgrpo_jax import rewards as R
@@ -258,9 +259,10 @@ def test_rl_step_runs_in_free_mode(prompts, batch, model):
   layout = train.make_layout(task, config)
   assert not layout.constrained and layout.max_new_tokens == 2 * layout.schedule_length
   optimizer = train.make_optimizer(config.optim, 1e-3, 1)  # no warmup: step 0 moves
-  state = train.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+  before = jax.tree.map(jnp.copy, params)  # rl_step donates its state: keep the fixture's
+  state = train.TrainState(before, optimizer.init(params), jnp.zeros((), jnp.int32))
   full = dict(batch, relevance=jnp.zeros((2, C)).at[:, 1].set(1.0))
-  before = jax.tree.map(jnp.copy, params)
+  before = params
   state, metrics = train.rl_step(state, None, full, jax.random.key(4), cfg=cfg, layout=layout,
                                  optimizer=optimizer,
                                  settings=train.RLSettings.from_config(config))
@@ -294,3 +296,19 @@ def test_make_layout_rejects_a_budget_below_a_well_formed_rollout(prompts):
     train.make_layout(task, config)
   config.rollout.constrained = True
   assert train.make_layout(task, config).constrained
+
+
+def test_evaluation_counts_missing_tags_as_malformed(prompts, batch, model):
+  """evaluate_model's format_valid uses the parser's errors in free decoding: random
+  weights never write the tags, so no rollout is well formed; constrained ones always are."""
+  cfg, params = model
+  arrays = {k: np.asarray(v) for k, v in batch.items()}
+  arrays["relevance"] = np.zeros(arrays["pool_mask"].shape, np.float32)
+  arrays["relevance"][:, 1] = 1.0
+  n = arrays["prompt"].shape[0]
+  free = prompts.layout(K, M, constrained=False)
+  metrics = eval_lib.evaluate_model(params, arrays, cfg=cfg, layout=free, batch_size=n)
+  assert metrics["format_valid"] == 0.0
+  constrained = prompts.layout(K, M)
+  metrics = eval_lib.evaluate_model(params, arrays, cfg=cfg, layout=constrained, batch_size=n)
+  assert metrics["format_valid"] == 1.0
