@@ -16,6 +16,16 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from fgrpo_jax.errors import UserError
+
+
+# Orbax's errors for a different pytree / differently shaped arrays.
+_MISMATCH = ("tree structures do not match", "is not compatible with the stored shape")
+
+
+class CheckpointMismatch(UserError):
+  """The stage directory holds a checkpoint of differently shaped parameters."""
+
 
 class StageCheckpointer:
   """Save/restore one training stage's state pytree."""
@@ -50,6 +60,14 @@ class StageCheckpointer:
       try:
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
         return step, out["params"], out.get("opt_state")
+      except ValueError as e:
+        if any(m in str(e) for m in _MISMATCH):  # readable, but another run's layout: not a fallback case
+          raise CheckpointMismatch(
+              f"{self.directory}: checkpoint step {step} holds other parameters than this "
+              "run's (changed config.model.lora_rank / lora_targets, config.algorithm or "
+              "the model sizes?); use a new --workdir") from None
+        logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
+                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
       except Exception as e:  # noqa: BLE001 - any unreadable step falls back
         logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
                         step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])

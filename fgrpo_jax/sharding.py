@@ -387,9 +387,20 @@ def shard_params(params, mesh, rules=DEFAULT_RULES):
 
 
 def train_state_shardings(state, mesh, rules=DEFAULT_RULES):
-  """Shardings of a train.TrainState(params, opt_state, step), as the same NamedTuple."""
+  """Shardings of a train.TrainState(params, opt_state, step), as the same NamedTuple.
+
+  A decoupled pair (params and opt_state both {role: ...}) is matched role by role:
+  the optimizer paths (`selector/0/mu/layers/...`) would otherwise not end with the
+  parameter paths (`selector/layers/...`) and fall back to matching by shape.
+  """
   p_sh = param_shardings(state.params, mesh, rules)
-  o_sh = opt_state_shardings(state.opt_state, p_sh, mesh, params_shapes=state.params)
+  roles = (isinstance(state.opt_state, dict) and isinstance(state.params, dict)
+           and set(state.opt_state) == set(state.params))
+  if roles:
+    o_sh = {r: opt_state_shardings(state.opt_state[r], p_sh[r], mesh,
+                                   params_shapes=state.params[r]) for r in state.params}
+  else:
+    o_sh = opt_state_shardings(state.opt_state, p_sh, mesh, params_shapes=state.params)
   return state._replace(params=p_sh, opt_state=o_sh, step=replicated(mesh))
 
 

@@ -89,6 +89,13 @@ def validate_config(config, pool_size: int | None = None):
     section, name = field.split(".")
     if config[section][name] < 0:
       raise ConfigError(f"config.{field} must be >= 0")
+  for field in ("rl.inner_steps", "eval.batch_size", "log_every", "sft.batch_size",
+                "rl.batch_prompts"):
+    value = config_value(config, field)
+    if value < 1:
+      raise ConfigError(f"config.{field}={value} must be >= 1")
+  if not config.rollout.temperature > 0:
+    raise ConfigError(f"config.rollout.temperature={config.rollout.temperature} must be > 0")
   if not r.constrained and config.algorithm in DECOUPLED:
     raise ConfigError(f"config.rollout.constrained=False: free decoding does not support "
                       f"config.algorithm={config.algorithm} (its ranker is given the slate)")
@@ -100,6 +107,14 @@ def validate_config(config, pool_size: int | None = None):
     raise ConfigError(f"config.optim.grad_accum={n} must divide the batch of every gradient "
                       f"step; it does not divide {', '.join(bad)}")
   _validate_lora(config.model)
+
+
+def config_value(config, field: str):
+  """config.<field> for a dotted field name ("rl.inner_steps")."""
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  return node
 
 
 def make_layout(task, config) -> rollout_lib.Layout:
@@ -831,6 +846,7 @@ def _fmt(metrics: dict | None, keys=("hit@1", "ndcg@5", "slate_recall")) -> str:
 
 def show_examples(params, task, arrays, config, cfg, layout, n: int, log=print, mesh=None):
   """Prints n greedy test rollouts in readable form with their rewards."""
+  n = min(n, arrays["prompt"].shape[0])
   sub = {k: v[:n] for k, v in arrays.items()}
   rows = -(-max(n, 1) // _eval_rows(mesh)) * _eval_rows(mesh)  # a multiple of the shards
   slate, ranking, _ = eval_lib.greedy_outputs(params, sub, cfg=cfg, layout=layout,
@@ -875,6 +891,16 @@ def run(config, workdir: str, log=print) -> dict:
     if config[section][name] % shards:
       raise ConfigError(f"config.{field}={config[section][name]} must be a multiple of "
                         f"data*fsdp={shards} (config.mesh)")
+  if shards % jax.process_count():
+    # Each process feeds its own rows; a batch replicated across processes would
+    # receive different data on each of them.
+    raise ConfigError(f"config.mesh: the batch axes data*fsdp={shards} must be a multiple of "
+                      f"the {jax.process_count()} processes")
+  if config.data.get("loader", "memory") == "grain" and task.stream is None:
+    why = ("chat prompts are built in memory (config.prompt.format)" if
+           task.info.get("prompt") == "chat" else f"{task.dataset} is generated in memory")
+    raise ConfigError(f"config.data.loader=grain streams prepared data, but {why}; use "
+                      "config.data.loader=memory")
   n = config.optim.grad_accum
   for what, rows in update_batches(config) if n > 1 else ():
     if (rows // n) % shards:

@@ -4,6 +4,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fgrpo_jax import checkpoint
 
@@ -57,3 +58,16 @@ def test_no_checkpoint_gives_none(tmp_path):
   ckpt = checkpoint.StageCheckpointer(str(tmp_path / "empty"))
   assert ckpt.restore_latest(checkpoint.abstract_like(_tree(0.0))) == (None, None, None)
   ckpt.close()
+
+
+def test_checkpoint_of_other_parameters_is_one_clear_error(tmp_path):
+  """Another run's checkpoint (other tree or shapes, e.g. a changed LoRA rank) is not
+  'corrupt': falling back would silently restart the stage, so it is a UserError."""
+  ck = checkpoint.StageCheckpointer(str(tmp_path), every=1)
+  ck.save(1, {"a": jnp.ones(3)}, {"m": jnp.zeros(3)}, force=True)
+  ck.close()
+  ck = checkpoint.StageCheckpointer(str(tmp_path), every=1)
+  for other in ({"b": jnp.ones(3)}, {"a": jnp.ones(4)}):
+    with pytest.raises(checkpoint.CheckpointMismatch, match="config.model.lora_rank"):
+      ck.restore_latest(checkpoint.abstract_like(other))
+  ck.close()

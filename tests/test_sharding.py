@@ -411,6 +411,29 @@ def test_opt_state_shardings_follow_params():
   assert o_sh2[1][0].nu["layers"]["q_proj"].spec == P(None, "fsdp", "tensor")
 
 
+def test_decoupled_pair_state_shardings_match_role_by_role():
+  """{selector, ranker} params and opt states: each role's Adam moments get its own
+  parameters' specs (q_proj and o_proj have the same shape but different specs)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from fgrpo_jax import sharding, train
+  from fgrpo_jax.models import llama
+  mesh = sharding.make_mesh({"data": -1})
+  cfg = llama.ModelConfig(vocab_size=64, num_layers=1, hidden=32, num_heads=4, num_kv_heads=2,
+                          head_dim=8, mlp_hidden=64)  # heads x head_dim == hidden
+  shapes = llama.param_shapes(cfg)
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  pair = {"selector": shapes, "ranker": shapes}
+  o_pair = {r: jax.eval_shape(opt.init, shapes) for r in pair}
+  state = train.TrainState(pair, o_pair, jax.ShapeDtypeStruct((), jnp.int32))
+  sh = sharding.train_state_shardings(state, mesh)
+  for role in pair:
+    adam = sh.opt_state[role][1][0]
+    for name in ("q_proj", "o_proj", "down_proj"):
+      assert adam.mu["layers"][name].spec == sh.params[role]["layers"][name].spec, name
+
+
 def test_shard_batch_and_train_state_single_process():
   import jax
   import jax.numpy as jnp

@@ -376,3 +376,14 @@ def test_bfloat16_step_keeps_float32_master_weights_and_state():
     print(f"bf16 {key} {a:.6f} vs float32 {b:.6f}: rel diff {abs(a - b) / b:.1e}")
     np.testing.assert_allclose(a, b, rtol=rtol, err_msg=key)
   assert float(metrics["loss"]) != float(f32["loss"])  # it really ran in bf16
+
+
+@pytest.mark.parametrize("field,value", [
+    ("rl.inner_steps", 0), ("eval.batch_size", 0), ("log_every", 0),
+    ("rollout.temperature", 0.0)])
+def test_zero_sizes_and_temperature_are_config_errors(field, value):
+  c = recsys.get_config("tiny")
+  section, _, name = field.rpartition(".")
+  (c[section] if section else c)[name] = value
+  with pytest.raises(train.ConfigError, match=f"^config.{field}="):
+    train.validate_config(c)

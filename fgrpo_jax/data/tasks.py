@@ -227,12 +227,14 @@ def maybe_chat(task: Task, config) -> Task:
   if fmt == "ids" or (fmt == "auto" and not hf_dir):
     return task
   directory = p.get("tokenizer", "") or hf_dir
+  field = "config.prompt.tokenizer" if p.get("tokenizer", "") else "config.model.hf_checkpoint"
   if not directory:
     raise UserError("config.prompt.format=chat needs a tokenizer: set config.prompt.tokenizer "
                     "or config.model.hf_checkpoint to a local directory")
   from fgrpo_jax.data import chat_prompts, text_prompts
   if not os.path.isdir(directory):
-    raise UserError(f"config.prompt.tokenizer={directory}: directory not found")
+    raise UserError(f"{field}={directory}: directory not found (the tokenizer of the chat "
+                    "prompts)")
   tokenizer = text_prompts.load_tokenizer(directory)
   label = "History" if task.name == "recsys" else "Question"
   candidates = "Items" if task.name == "recsys" else "Passages"
