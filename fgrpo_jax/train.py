@@ -321,6 +321,13 @@ def split_microbatches(tree, n: int):
   return jax.tree.map(split, tree)
 
 
+def merge_microbatches(tree):
+  """Inverse of split_microbatches: leaves [n, B/n, ...] -> [B, ...] in the original order."""
+  def merge(x):
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+  return jax.tree.map(merge, tree)
+
+
 def accumulated_value_and_grad(loss_fn, params, data, n: int):
   """((loss, aux), grads) of `loss_fn(params, data)`, summed over n microbatches.
 
@@ -465,9 +472,12 @@ def policy_update(params, opt_state, mb, ro: rollout_lib.Rollout, token_adv, gro
   """
   s = settings
   data = {"mb": mb, "ro": ro, "adv": token_adv}  # split into microbatches along B
-  if ref_params is not None:
-    data["ref_lp"], _ = rollout_lib.rollout_logprobs(ref_params, mb, ro, cfg=cfg, layout=layout,
-                                                     temperature=s.temperature)
+  if ref_params is not None:  # per microbatch too: free decoding's logits are [.., V] wide
+    ref_lp = lambda rows: rollout_lib.rollout_logprobs(
+        ref_params, rows["mb"], rows["ro"], cfg=cfg, layout=layout,
+        temperature=s.temperature)[0]
+    data["ref_lp"] = merge_microbatches(
+        jax.lax.map(ref_lp, split_microbatches({"mb": mb, "ro": ro}, s.grad_accum)))
   counts = objectives.token_counts(ro.phase_ids, groups)  # of the whole batch
 
   def loss_fn(params, rows):

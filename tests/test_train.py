@@ -294,6 +294,7 @@ def test_split_microbatches_is_strided():
   micro = train.split_microbatches({"x": x}, 4)["x"]
   assert micro.shape == (4, 2, 3)
   np.testing.assert_array_equal(micro[1], x[jnp.array([1, 5])])
+  np.testing.assert_array_equal(train.merge_microbatches({"x": micro})["x"], x)
 
 
 @pytest.mark.parametrize("overrides,message", [
