@@ -80,14 +80,12 @@ def validate_config(config, pool_size: int | None = None):
              "model.dtype": ("float32", "bfloat16"), "model.remat": ("none", "full"),
              "data.loader": ("memory", "grain")}
   for field, allowed in choices.items():
-    section, name = field.split(".")
-    value = config[section][name]
+    value = config_value(config, field)
     if value not in allowed:
       raise ConfigError(f"config.{field}={value!r} is unknown (choose one of "
                         f"{', '.join(allowed)})")
   for field in ("sft.steps", "rl.steps", "rollout.max_new_tokens", "reward.format_penalty"):
-    section, name = field.split(".")
-    if config[section][name] < 0:
+    if config_value(config, field) < 0:
       raise ConfigError(f"config.{field} must be >= 0")
   for field in ("rl.inner_steps", "eval.batch_size", "log_every", "sft.batch_size",
                 "rl.batch_prompts"):
@@ -806,12 +804,9 @@ def _train_stream(task, config, stage: str, stage_id: int, batch_size: int, star
                   workdir: str, log):
   """config.data.loader="grain": this host's iterator over the training split, positioned
   at step `start` (from its saved state, else by replaying `start` batches). None for
-  the in-memory loader."""
+  the in-memory loader. run() has checked that the task can stream."""
   if config.data.get("loader", "memory") != "grain":
     return None
-  if task.stream is None:
-    raise ConfigError(f"config.data.loader=grain streams prepared data; {task.dataset} is "
-                      "generated in memory (use config.data.loader=memory)")
   stream = task.stream("train", batch_size // jax.process_count(),
                        seed=config.seed * 1000 + stage_id, shard_index=jax.process_index(),
                        shard_count=jax.process_count())
@@ -897,9 +892,8 @@ def run(config, workdir: str, log=print) -> dict:
   mesh = sharding.make_mesh(config.get("mesh"))
   shards = sharding.batch_shards(mesh)
   for field in ("sft.batch_size", "rl.batch_prompts", "eval.batch_size"):
-    section, name = field.split(".")
-    if config[section][name] % shards:
-      raise ConfigError(f"config.{field}={config[section][name]} must be a multiple of "
+    if config_value(config, field) % shards:
+      raise ConfigError(f"config.{field}={config_value(config, field)} must be a multiple of "
                         f"data*fsdp={shards} (config.mesh)")
   if shards % jax.process_count():
     # Each process feeds its own rows; a batch replicated across processes would
