@@ -404,14 +404,8 @@ def load_prepared(prepared: cache_lib.Prepared, name: str) -> PreparedQA:
   tok = text_prompts.load_tokenizer(os.path.join(prepared.dir, "tokenizer"))
   builder = text_prompts.QAPrompts(tok, m["pool_size"], m["question_len"], m["passage_len"],
                                    m["prompt_len"])
-  splits = {}
-  for s in SPLITS:
-    a = pipeline.load_split_arrays(prepared.dir, s, m)
-    a["prompt_mask"] = a["prompt_mask"].astype(bool)
-    a["pool_mask"] = a["pool_mask"].astype(bool)
-    n = a["prompt"].shape[0]
-    a["cand_tokens"] = np.broadcast_to(builder.slot_ids, (n, m["pool_size"])).copy()
-    splits[s] = a
+  splits = {s: builder.model_arrays(pipeline.load_split_arrays(prepared.dir, s, m))
+            for s in SPLITS}
   return PreparedQA(name=name, dir=prepared.dir, manifest=m, splits=splits, prompts=builder)
 
 

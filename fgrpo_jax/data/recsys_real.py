@@ -274,31 +274,32 @@ def _require(d: str, *files: str) -> list[str]:
   return paths
 
 
+# MovieLens layouts: (variant, ratings file, its separator, its field names, items file,
+# its separator, encoding, CSV with a header and quoted titles).
+MOVIELENS = (
+    ("ml-100k", "u.data", "\t", ("user id", "item id", "rating", "timestamp"), "u.item", "|",
+     "latin-1", False),
+    ("ml-1m", "ratings.dat", "::", ("UserID", "MovieID", "Rating", "Timestamp"), "movies.dat",
+     "::", "latin-1", False),
+    ("ml-csv", "ratings.csv", ",", ("userId", "movieId", "rating", "timestamp"), "movies.csv",
+     ",", "utf-8", True),
+)
+
+
 def read_movielens(path: str, problems: _Problems):
   """-> (variant, events, names, source files)."""
-  d = _find_dir(path, [["u.data"], ["ratings.dat"], ["ratings.csv"]])
-  if os.path.isfile(os.path.join(d, "u.data")):
-    ratings, items = _require(d, "u.data", "u.item")
-    names4 = ("user id", "item id", "rating", "timestamp")
-    ev = _read_delimited_events(ratings, "\t", names4, _numeric_row(0, 1, 3, 2, problems),
-                                problems)
-    names = _read_names(items, "|", 0, 1, 2, encoding="latin-1")
-    return "ml-100k", ev, names, [ratings, items]
-  if os.path.isfile(os.path.join(d, "ratings.dat")):
-    ratings, movies = _require(d, "ratings.dat", "movies.dat")
-    names4 = ("UserID", "MovieID", "Rating", "Timestamp")
-    ev = _read_delimited_events(ratings, "::", names4, _numeric_row(0, 1, 3, 2, problems),
-                                problems)
-    names = _read_names(movies, "::", 0, 1, 2, encoding="latin-1")
-    return "ml-1m", ev, names, [ratings, movies]
-  if os.path.isfile(os.path.join(d, "ratings.csv")):
-    ratings, movies = _require(d, "ratings.csv", "movies.csv")
-    names4 = ("userId", "movieId", "rating", "timestamp")
-    ev = _read_delimited_events(ratings, ",", names4, _numeric_row(0, 1, 3, 2, problems),
-                                problems, header=names4)
-    names = _read_names(movies, ",", 0, 1, 2, header=True, quoted=True)
-    variant = os.path.basename(os.path.normpath(d)) or "ml-csv"
-    return (variant if variant.startswith("ml-") else "ml-csv"), ev, names, [ratings, movies]
+  d = _find_dir(path, [[layout[1]] for layout in MOVIELENS])
+  for variant, r_file, sep, fields, i_file, i_sep, encoding, is_csv in MOVIELENS:
+    if not os.path.isfile(os.path.join(d, r_file)):
+      continue
+    ratings, items = _require(d, r_file, i_file)
+    ev = _read_delimited_events(ratings, sep, fields, _numeric_row(0, 1, 3, 2, problems),
+                                problems, header=fields if is_csv else None)
+    names = _read_names(items, i_sep, 0, 1, 2, header=is_csv, quoted=is_csv, encoding=encoding)
+    if is_csv:  # ml-20m, ml-25m, ml-latest(-small): named by their folder
+      folder = os.path.basename(os.path.normpath(d))
+      variant = folder if folder.startswith("ml-") else variant
+    return variant, ev, names, [ratings, items]
   raise UserError(f"config.data.path={path}: no MovieLens files (expected u.data + u.item "
                   "(ml-100k), ratings.dat + movies.dat (ml-1m) or ratings.csv + movies.csv "
                   "(ml-20m, ml-25m, ml-latest))")

@@ -10,6 +10,7 @@ raw data.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -60,9 +61,16 @@ class Task:
     return "oracle_scores" in self.splits["test"]
 
 
+def _item_prompt_arrays(builder: prompts_lib.ItemTokenPrompts, rows) -> dict:
+  """Item-token model arrays of rows with history [N, H], pool [N, C], relevance [N, C]."""
+  arrays = builder.build(rows["history"], rows["pool"])
+  arrays["relevance"] = np.asarray(rows["relevance"], np.float32)
+  return arrays
+
+
 def _recsys_split_arrays(examples, builder: prompts_lib.ItemTokenPrompts) -> dict:
-  arrays = builder.build(examples.history, examples.pool)
-  arrays["relevance"] = np.asarray(examples.relevance, np.float32)
+  arrays = _item_prompt_arrays(builder, {"history": examples.history, "pool": examples.pool,
+                                         "relevance": examples.relevance})
   arrays["pool"] = np.asarray(examples.pool, np.int32)
   arrays["history"] = np.asarray(examples.history, np.int32)
   if examples.oracle_scores is not None:
@@ -84,11 +92,6 @@ def _streamer(cache_dir: str, transform):
 def recsys_task(dataset, name: str, cache_dir: str | None = None) -> Task:
   """Wraps a RecsysDataset (synthetic or prepared real data) into a Task."""
   builder = prompts_lib.ItemTokenPrompts(num_items=dataset.num_items)
-
-  def model_arrays(rows):
-    out = builder.build(rows["history"], rows["pool"])
-    out["relevance"] = np.asarray(rows["relevance"], np.float32)
-    return out
   splits = {s: _recsys_split_arrays(getattr(dataset, s), builder) for s in SPLITS}
   popularity = np.asarray(dataset.item_popularity, np.float64)
   names = list(dataset.item_names)
@@ -118,8 +121,9 @@ def recsys_task(dataset, name: str, cache_dir: str | None = None) -> Task:
   info.update({f"{s}_examples": len(getattr(dataset, s)) for s in SPLITS})
   return Task(name="recsys", dataset=name, splits=splits, vocab_size=builder.vocab_size,
               layout_fn=builder.layout, reference_fns=references, describe=describe,
-              info=info, stream=_streamer(cache_dir, model_arrays) if cache_dir else None,
-              texts=texts)
+              info=info, texts=texts,
+              stream=(_streamer(cache_dir, functools.partial(_item_prompt_arrays, builder))
+                      if cache_dir else None))
 
 
 def qa_task(prepared, name: str) -> Task:
@@ -180,16 +184,10 @@ def qa_task(prepared, name: str) -> Task:
     return ([t["question"] for t in records],
             [[p if p is not None else "" for p in t["passages"]] for t in records])
 
-  def model_arrays(rows):
-    n = rows["prompt"].shape[0]
-    return {"prompt": rows["prompt"], "prompt_mask": rows["prompt_mask"].astype(bool),
-            "pool_mask": rows["pool_mask"].astype(bool), "relevance": rows["relevance"],
-            "cand_tokens": np.broadcast_to(builder.slot_ids, (n, builder.pool_size)).copy()}
-
   return Task(name="multihop_qa", dataset=name, splits=prepared.splits,
               vocab_size=builder.vocab_size, layout_fn=builder.layout,
               reference_fns=references, describe=describe, info=info,
-              stream=_streamer(prepared.dir, model_arrays), texts=qa_texts)
+              stream=_streamer(prepared.dir, builder.model_arrays), texts=qa_texts)
 
 
 def chat_task(task: Task, prompts) -> Task:

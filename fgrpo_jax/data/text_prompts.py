@@ -173,6 +173,14 @@ class QAPrompts:
             "cand_tokens": np.broadcast_to(self.slot_ids, (n, c)).copy(),
             "pool_mask": pool_mask}
 
+  def model_arrays(self, rows: dict) -> dict[str, np.ndarray]:
+    """Stored prompt rows (prompt, masks as uint8, ...) -> model arrays: bool masks and
+    cand_tokens [N, C] = [P1]..[PC] added; other fields kept."""
+    n = rows["prompt"].shape[0]
+    return dict(rows, prompt_mask=rows["prompt_mask"].astype(bool),
+                pool_mask=rows["pool_mask"].astype(bool),
+                cand_tokens=np.broadcast_to(self.slot_ids, (n, self.pool_size)).copy())
+
   def decode(self, tokens) -> str:
     """Readable text of token ids (padding dropped)."""
     ids = [int(t) for t in np.asarray(tokens).ravel() if int(t) != PAD]
