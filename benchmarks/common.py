@@ -371,6 +371,14 @@ def header(title: str, m: dict[str, Any], a=None) -> str:
   return "\n".join(lines)
 
 
+def memory_line(out: dict) -> str:
+  """The peak-memory line of a result with max_rss_mb (and device_peak_bytes_in_use)."""
+  line = f"peak memory: max RSS {out['max_rss_mb']:.0f} MB"
+  if out.get("device_peak_bytes_in_use"):
+    return line + f", device peak {out['device_peak_bytes_in_use'] / 2**20:.0f} MB"
+  return line + " (the device reports no allocator statistics)"
+
+
 def print_json(obj: dict) -> None:
   print(json.dumps(obj, sort_keys=True, default=float))
 

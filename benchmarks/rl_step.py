@@ -271,12 +271,7 @@ def main(argv=None) -> int:
           f"best (timed in alternation; FLOPs ratio {tf['flops_ratio']:.2f}x; "
           f"|loss difference| {tf['loss_abs_diff']:.1e}, max |grad difference| "
           f"{tf['grad_max_abs_diff']:.1e})")
-  mem = f"\npeak memory: max RSS {out['max_rss_mb']:.0f} MB"
-  if out.get("device_peak_bytes_in_use"):
-    mem += f", device peak {out['device_peak_bytes_in_use'] / 2**20:.0f} MB"
-  else:
-    mem += " (the device reports no allocator statistics)"
-  print(mem)
+  print("\n" + common.memory_line(out))
   return 0
 
 

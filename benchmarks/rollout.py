@@ -302,12 +302,7 @@ def main(argv=None) -> int:
           f"drew the same tokens on {100 * out['naive_same_tokens_frac']:.1f}% of positions")
   for name in sweeps:
     print(sweep_table(name, swept[name]))
-  mem = f"\npeak memory: max RSS {out['max_rss_mb']:.0f} MB"
-  if out.get("device_peak_bytes_in_use"):
-    mem += f", device peak {out['device_peak_bytes_in_use'] / 2**20:.0f} MB"
-  else:
-    mem += " (the device reports no allocator statistics)"
-  print(mem)
+  print("\n" + common.memory_line(out))
   return 0
 
 
