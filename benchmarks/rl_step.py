@@ -39,7 +39,6 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
 from common import llama, rollout_lib  # noqa: E402
-from fgrpo_jax import objectives  # noqa: E402
 from fgrpo_jax import train  # noqa: E402
 
 
@@ -49,9 +48,9 @@ from fgrpo_jax import train  # noqa: E402
 
 @functools.partial(jax.jit, static_argnames=("settings", "rank_size"))
 def reward_piece(ro: rollout_lib.Rollout, relevance, *, settings, rank_size):
-  r_gen, r_rank = train.rollout_rewards(ro, relevance, settings, rank_size)
-  token_adv, _ = train.rl_advantages(r_gen, r_rank, ro.phase_ids, settings)
-  return token_adv
+  r_gen, r_rank, rank_ok = train.rollout_rewards(ro, relevance, settings, rank_size)
+  token_adv, _, loss_ids = train.rl_advantages(r_gen, r_rank, rank_ok, ro.phase_ids, settings)
+  return token_adv, loss_ids
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "settings"),
@@ -59,11 +58,9 @@ def reward_piece(ro: rollout_lib.Rollout, relevance, *, settings, rank_size):
 def update_piece(state: train.TrainState, mb, ro: rollout_lib.Rollout, token_adv, *, cfg,
                  layout, optimizer, settings):
   """The update part of train.rl_step (`train.policy_update`, no reference model)."""
-  s = settings
-  groups = objectives.GRPO_GROUPS if s.algorithm == "grpo" else objectives.fgrpo_groups(s.lam)
   params, opt_state, metrics = train.policy_update(
-      state.params, state.opt_state, mb, ro, token_adv, groups, None, cfg=cfg, layout=layout,
-      optimizer=optimizer, settings=s)
+      state.params, state.opt_state, mb, ro, token_adv, train.loss_groups(settings), None,
+      cfg=cfg, layout=layout, optimizer=optimizer, settings=settings)
   return train.TrainState(params, opt_state, state.step + 1), metrics["loss"]
 
 
@@ -156,7 +153,8 @@ def main(argv=None) -> int:
   lay = common.layout(a.slate, a.rank)
   config = rl_config(a)
   settings = train.RLSettings.from_config(config)
-  optimizer = train.make_optimizer(config.optim, config.rl.lr, config.rl.steps)
+  optimizer = train.make_optimizer(config.optim, config.rl.lr,
+                                   config.rl.steps * config.rl.inner_steps)
   params = llama.init_params(cfg, jax.random.key(a.seed))
   batch = common.device_batch(common.make_batch(a.prompts, a.prompt_len, a.pool, a.vocab,
                                                 a.seed, relevance=True))
@@ -190,7 +188,9 @@ def main(argv=None) -> int:
     return held["adv"]
 
   def update():
-    state["split"], loss = update_piece(state["split"], mb, held["ro"], held["adv"],
+    token_adv, loss_ids = held["adv"]
+    state["split"], loss = update_piece(state["split"], mb,
+                                        held["ro"]._replace(phase_ids=loss_ids), token_adv,
                                         settings=settings, **static)
     return loss
 

@@ -11,7 +11,8 @@ Variants (after the colon, comma-separated to combine, e.g. `tiny,ablate_lambda`
 `default` (finishes on a 2-core CPU in under 10 minutes), `tiny` (seconds; used by
 the tests), and the ablations of `fgrpo_jax.compare`: `ablate_lambda` (lambda in
 0.25/0.5/1/2), `ablate_slate` (k in 5/10/15), `ablate_advantage` (mean vs std),
-`ablate_ratio` (token vs per-phase ratio); `movielens`, `lastfm`, `amazon` read a
+`ablate_ratio` (token vs per-phase ratio), `ablate_rank_ideal` (pool vs slate),
+`ablate_loss_norm` (phase vs joint), `sweep_lr` (rl.lr of `compare.sweep_algorithm`); `movielens`, `lastfm`, `amazon` read a
 published dataset from `--config.data.path` (docs/datasets.md lists the formats).
 """
 
@@ -25,6 +26,9 @@ ABLATIONS = {
     "ablate_slate": ("rollout.slate_size", (5, 10, 15)),
     "ablate_advantage": ("reward.advantage", ("mean", "std")),
     "ablate_ratio": ("rl.ratio", ("token", "phase")),
+    "ablate_rank_ideal": ("reward.rank_ideal", ("pool", "slate")),
+    "ablate_loss_norm": ("rl.loss_norm", ("phase", "joint")),
+    "sweep_lr": ("rl.lr", (2.5e-4, 1e-3, 4e-3)),
 }
 
 
@@ -90,6 +94,10 @@ def get_config(arg=None):
   c.reward.gain = "exp"  # NDCG gain for graded relevance: exp (2^rel-1) | linear
   c.reward.lam = 1.0  # lambda: weight of the rank phase (F-GRPO) / of R_rank (GRPO)
   c.reward.advantage = "mean"  # group advantage: mean (Dr. GRPO) | std | rloo
+  # R_rank's ideal: pool (NDCG against every relevant pool item: a slate miss zeroes the
+  # ranking too) | slate (against the relevant items of the rollout's own slate; rollouts
+  # whose slate holds none leave the factorised rank loss)
+  c.reward.rank_ideal = "pool"
   c.reward.format_penalty = 1.0  # free decoding: subtracted from R_gen / R_rank if that part is malformed
 
   c.prompt = ml_collections.ConfigDict()
@@ -110,11 +118,14 @@ def get_config(arg=None):
   c.rl = ml_collections.ConfigDict()
   c.rl.steps = 200  # RL steps (each: rollout, rewards, update)
   c.rl.batch_prompts = 16  # B: prompts per RL step (B*G rollouts)
-  c.rl.lr = 5e-4  # peak learning rate of the RL stage
+  c.rl.lr = 5e-4  # peak learning rate after the warm start (RL, and the SFT baselines' continuation)
   c.rl.inner_steps = 2  # gradient steps on each batch of rollouts (ratio != 1 after the first)
   c.rl.eps_low = 0.2  # lower clip range of the ratio
   c.rl.eps_high = 0.28  # upper clip range of the ratio (clip-higher)
   c.rl.ratio = "token"  # importance ratio: token | phase (exp of mean log-ratio per phase)
+  # loss normalisation, the same for every algorithm: phase (mean over slate tokens +
+  # lambda * mean over rank tokens) | joint (one mean over all choice tokens, rank x lambda)
+  c.rl.loss_norm = "phase"
   c.rl.kl_coef = 0.0  # beta of the KL penalty to the frozen SFT policy (LoRA: the base; 0 = off)
   c.rl.kl_estimator = "k3"  # k1 | k3
 
@@ -150,6 +161,7 @@ def get_config(arg=None):
   c.compare.sweep_field = ""  # ablation: dotted config field to sweep ("" = algorithms)
   c.compare.sweep_values = ()  # ablation: the values of sweep_field
   c.compare.sweep_algorithm = "fgrpo"  # ablation: the algorithm run at each value
+  c.compare.lr = ""  # per-algorithm rl.lr from the sweep, e.g. "fgrpo=1e-3,sft=3e-4" ("" = rl.lr)
 
   for v in variants:
     if v == "default":

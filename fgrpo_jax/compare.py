@@ -42,14 +42,37 @@ def _set_field(config, dotted: str, value):
   node[last] = type(node[last])(value) if not isinstance(node[last], str) else str(value)
 
 
+def algorithm_lrs(config) -> dict[str, float]:
+  """config.compare.lr ("fgrpo=1e-3,sft=3e-4") as {algorithm: rl.lr}."""
+  out = {}
+  for part in filter(None, (p.strip() for p in config.compare.get("lr", "").split(","))):
+    name, sep, value = part.partition("=")
+    try:
+      out[name.strip()] = float(value)
+    except ValueError:
+      sep = ""
+    from fgrpo_jax import train
+    if not sep or name.strip() not in train.ALGORITHMS:
+      raise train.ConfigError(f"config.compare.lr={config.compare.lr!r}: expected "
+                              f"algorithm=rate pairs separated by commas with algorithms "
+                              f"among {', '.join(train.ALGORITHMS)}, got {part!r}")
+  return out
+
+
 def planned_runs(config) -> list[tuple[str, dict]]:
-  """(run name, {dotted field: value}) for each run of one seed."""
+  """(run name, {dotted field: value}) for each run of one seed. Each algorithm
+  runs at its own rl.lr from config.compare.lr when given (the sweep's choice)."""
   cmp = config.compare
+  lrs = algorithm_lrs(config)
+
+  def fields(algorithm):
+    return {"algorithm": algorithm, **({"rl.lr": lrs[algorithm]} if algorithm in lrs else {})}
+
   if cmp.sweep_field:
     return [(f"{cmp.sweep_algorithm}[{cmp.sweep_field.split('.')[-1]}={v}]",
-             {"algorithm": cmp.sweep_algorithm, cmp.sweep_field: v})
+             {**fields(cmp.sweep_algorithm), cmp.sweep_field: v})
             for v in cmp.sweep_values]
-  return [(a, {"algorithm": a}) for a in cmp.algorithms.split(",") if a]
+  return [(a, fields(a)) for a in cmp.algorithms.split(",") if a]
 
 
 def summarize(values: list[float]) -> dict:

@@ -30,6 +30,8 @@ def ranking_metrics(slate, ranking, relevance, pool_mask=None, gain: str = "exp"
   slate_recall: coverage of the slate; slate_miss: top-1 wrong and no relevant
   candidate entered the slate; rank_drop: top-1 wrong although a relevant one was
   in the slate (so hit@1 + slate_miss + rank_drop = 1 where anything is relevant);
+  slate_hit: a relevant candidate is in the slate (mean_metrics adds
+  rank_drop_given_hit = P(top-1 wrong | slate_hit), the ranking phase's own error);
   format_valid: the rollout is a well-formed slate and ranking.
   """
   out = {}
@@ -43,12 +45,18 @@ def ranking_metrics(slate, ranking, relevance, pool_mask=None, gain: str = "exp"
   has_rel = jnp.any(relevance > 0, axis=-1)
   out["slate_miss"] = (wrong_top & ~any_rel_in_slate & has_rel).astype(jnp.float32)
   out["rank_drop"] = (wrong_top & any_rel_in_slate).astype(jnp.float32)
+  out["slate_hit"] = any_rel_in_slate.astype(jnp.float32)
   out["format_valid"] = R.format_validity(slate, ranking, relevance.shape[-1], pool_mask)
   return out
 
 
 def mean_metrics(per_example: dict) -> dict[str, float]:
-  return {k: float(np.mean(v)) for k, v in per_example.items()}
+  """Means over examples, plus rank_drop_given_hit = P(rank drop | slate hit) (0 when
+  no slate hit anything): the error of the ranking phase on the slates it was given."""
+  out = {k: float(np.mean(v)) for k, v in per_example.items()}
+  if "rank_drop" in out and "slate_hit" in out:
+    out["rank_drop_given_hit"] = out["rank_drop"] / out["slate_hit"] if out["slate_hit"] else 0.0
+  return out
 
 
 def policy_from_scores(scores, pool_mask, slate_size: int, rank_size: int):

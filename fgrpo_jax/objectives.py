@@ -9,7 +9,10 @@ F-GRPO (per phase p in {gen, rank}, with its own group-relative advantage A_p):
     L_p = mean over phase-p tokens of  min(rho_t A_p, clip(rho_t, 1-eps_low, 1+eps_high) A_p)
     J   = L_gen + lambda * L_rank,     loss = -J + beta * KL
 
-GRPO uses one advantage of the joint reward on every choice token and one mean.
+GRPO uses one advantage of the joint reward R_gen + lambda R_rank on every choice
+token. The loss normalisation is a separate choice shared by both (rl.loss_norm):
+"phase" is J above, "joint" one mean over all choice tokens with the rank tokens'
+advantages scaled by lambda; so F-GRPO and GRPO can differ in their advantages only.
 """
 
 from __future__ import annotations
@@ -125,13 +128,15 @@ def clipped_surrogate(logprobs, old_logprobs, token_adv, phase_ids,
   return loss, metrics
 
 
-def fgrpo_advantages(r_gen, r_rank, phase_ids, mode: str = "mean"):
+def fgrpo_advantages(r_gen, r_rank, phase_ids, mode: str = "mean", rank_mask=None):
   """Separate group-relative advantages per phase, placed on their tokens.
 
   r_gen, r_rank: f32 [B, G]; phase_ids [B, G, T] -> (token_adv [B, G, T], dict).
+  rank_mask: None, or bool [B, G]: the rollouts whose R_rank is defined (the rank
+  baseline runs over them only; the others' rank tokens get 0, see drop_rank_tokens).
   """
   a_gen = R.group_advantages(r_gen, mode=mode)
-  a_rank = R.group_advantages(r_rank, mode=mode)
+  a_rank = R.group_advantages(r_rank, mode=mode, mask=rank_mask)
   token_adv = R.token_advantages(phase_ids, {R.PHASE_GEN: a_gen, R.PHASE_RANK: a_rank})
   return token_adv, {"adv_gen": a_gen, "adv_rank": a_rank}
 
@@ -147,7 +152,17 @@ def fgrpo_groups(lam: float):
   return (((R.PHASE_GEN,), 1.0), ((R.PHASE_RANK,), lam))
 
 
-GRPO_GROUPS = (((R.PHASE_GEN, R.PHASE_RANK), 1.0),)
+# One mean over every choice token (rl.loss_norm="joint"; lambda then scales the rank
+# tokens' advantages instead of a phase mean).
+JOINT_GROUPS = (((R.PHASE_GEN, R.PHASE_RANK), 1.0),)
+
+
+def drop_rank_tokens(phase_ids, keep):
+  """phase_ids [B, G, T] with the rank tokens of rollouts where keep [B, G] is False
+  relabelled PHASE_NONE: they leave the loss and its token counts (an undefined
+  R_rank, reward.rank_ideal="slate")."""
+  drop = (phase_ids == R.PHASE_RANK) & ~keep[..., None]
+  return jnp.where(drop, R.PHASE_NONE, phase_ids)
 
 
 def sft_loss(logprobs, phase_ids, phases=(R.PHASE_GEN, R.PHASE_RANK), count=None):

@@ -79,6 +79,8 @@ __all__ = [
     "token_advantages",
     "joint_reward",
     "phase_rewards",
+    "slate_relevance",
+    "rank_defined",
 ]
 
 #: Marker of an empty candidate slot.
@@ -97,6 +99,7 @@ _COVERAGE_MODES = ("recall", "f1")
 _GAINS = ("exp", "linear")
 _RANK_METRICS = ("ndcg", "hit", "mrr", "recall", "precision")
 _ADV_MODES = ("mean", "std", "rloo")
+_RANK_IDEALS = ("pool", "slate")
 
 
 # --------------------------------------------------------------------------
@@ -560,7 +563,8 @@ def format_penalty(
 
 
 @_jit("mode", "axis")
-def group_advantages(rewards: Any, mode: str = "mean", eps: float = 1e-6, axis: int = -1) -> jax.Array:
+def group_advantages(rewards: Any, mode: str = "mean", eps: float = 1e-6, axis: int = -1,
+                     mask: Any = None) -> jax.Array:
     """Group-relative advantages over the group axis (default: last).
 
     Shapes: ``rewards: float[..., G]`` (typically ``[B, G]``) -> same shape,
@@ -579,6 +583,13 @@ def group_advantages(rewards: Any, mode: str = "mean", eps: float = 1e-6, axis: 
     NaN and never rounding noise. ``G = 1`` (or ``G = 0``) gives zeros: a
     single rollout has no baseline to compare with. NaN rewards propagate.
 
+    ``mask: bool`` of the shape of ``rewards`` (optional) marks the rollouts
+    whose reward is defined (e.g. R_rank judged against the slate's own
+    relevant items, see :func:`rank_defined`): mean, std and the
+    leave-one-out baseline run over the masked rollouts of each group, the
+    others get exactly 0, and a group with fewer than 2 masked rollouts gets
+    zeros (no baseline), like ``G = 1``.
+
     >>> r = jnp.array([[1., 0., 0., 1.], [2., 2., 2., 2.]])
     >>> group_advantages(r).tolist()
     [[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]
@@ -594,21 +605,26 @@ def group_advantages(rewards: Any, mode: str = "mean", eps: float = 1e-6, axis: 
         raise ValueError("rewards must have a group axis")
     if not jnp.issubdtype(r.dtype, jnp.floating):
         r = r.astype(jnp.float32)
+    m = jnp.ones(r.shape, bool) if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), r.shape)
     r = jnp.moveaxis(r, axis, -1)
+    m = jnp.moveaxis(m, axis, -1)
     G = r.shape[-1]
     if G <= 1:
         return jnp.moveaxis(jnp.zeros_like(r), -1, axis)
-    mean = jnp.mean(r, axis=-1, keepdims=True)
-    centered = r - mean
+    n = jnp.sum(m, axis=-1, keepdims=True).astype(r.dtype)  # rollouts with a defined reward
+    mean = jnp.sum(jnp.where(m, r, 0), axis=-1, keepdims=True) / jnp.maximum(n, 1)
+    centered = jnp.where(m, r - mean, 0)
     if mode == "mean":
         adv = centered
     elif mode == "std":
-        std = jnp.sqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True))
+        std = jnp.sqrt(jnp.sum(jnp.square(centered), axis=-1, keepdims=True) / jnp.maximum(n, 1))
         adv = centered / (std + jnp.asarray(eps, r.dtype))
-    else:  # rloo
-        adv = centered * jnp.asarray(G / (G - 1), r.dtype)
-    constant = jnp.max(r, axis=-1, keepdims=True) == jnp.min(r, axis=-1, keepdims=True)
-    adv = jnp.where(constant, jnp.zeros((), r.dtype), adv)
+    else:  # rloo: r_i minus the mean of the other n - 1
+        adv = centered * (n / jnp.maximum(n - 1, 1))
+    hi = jnp.max(jnp.where(m, r, -jnp.inf), axis=-1, keepdims=True)
+    lo = jnp.min(jnp.where(m, r, jnp.inf), axis=-1, keepdims=True)
+    constant = (hi == lo) | (n < 2)  # exact zeros, never rounding noise
+    adv = jnp.where(constant | ~m, jnp.zeros((), r.dtype), adv)
     return jnp.moveaxis(adv, -1, axis)
 
 
@@ -688,7 +704,41 @@ def _restrict_to_slate(ranking: jax.Array, slate: jax.Array) -> jax.Array:
     return jnp.where(member, ranking, EMPTY)
 
 
-@_jit("coverage_mode", "rank_metric", "rank_k", "gain", "restrict_to_slate")
+@jax.jit
+def slate_relevance(slate: Any, relevance: Any) -> jax.Array:
+    """Relevance restricted to the slate: ``relevance`` where the candidate is
+    a member of ``slate``, else 0.
+
+    Shapes: ``slate: int[..., k]``, ``relevance: float[..., C]`` ->
+    ``float32[..., C]`` (broadcast batch shape). Empty and out-of-range slots
+    contribute nothing. Ranking metrics computed against this relevance judge
+    a ranking only on what its own slate offered it (``rank_ideal="slate"``).
+
+    >>> slate_relevance(jnp.array([3, 0, -1]), jnp.array([0., 1., 0., 2.])).tolist()
+    [0.0, 0.0, 0.0, 2.0]
+    """
+    slate, rel = _prepare(slate, relevance, "slate")
+    C = rel.shape[-1]
+    member = jnp.any((slate[..., :, None] == jnp.arange(C)) & _in_range(slate, C)[..., None],
+                     axis=-2)
+    return jnp.where(member, rel, 0.0)
+
+
+@jax.jit
+def rank_defined(slate: Any, relevance: Any) -> jax.Array:
+    """Whether the slate holds a relevant candidate: ``bool[...]``.
+
+    With ``rank_ideal="slate"`` the ranking reward of a rollout is undefined
+    when this is False (no ranking of that slate can be right or wrong); such
+    rollouts are left out of the rank phase's baseline and loss.
+
+    >>> rank_defined(jnp.array([[3, 0], [0, 2]]), jnp.array([0., 1., 0., 2.])).tolist()
+    [True, False]
+    """
+    return jnp.any(slate_relevance(slate, relevance) > 0, axis=-1)
+
+
+@_jit("coverage_mode", "rank_metric", "rank_k", "gain", "restrict_to_slate", "rank_ideal")
 def phase_rewards(
     slate: Any,
     ranking: Any,
@@ -698,6 +748,7 @@ def phase_rewards(
     rank_k: int | None = None,
     gain: str = "exp",
     restrict_to_slate: bool = False,
+    rank_ideal: str = "pool",
 ) -> tuple[jax.Array, jax.Array]:
     """Per-phase rewards ``(r_gen, r_rank)`` of F-GRPO, each ``float32[...]``.
 
@@ -711,6 +762,15 @@ def phase_rewards(
     slate are treated as empty (earn nothing); by default the ranking is
     scored as written and membership is left to :func:`format_penalty`.
 
+    ``rank_ideal`` chooses what the ranking is judged against: ``"pool"``
+    (the relevance of the whole pool; a slate without any relevant candidate
+    then forces ``r_rank = 0`` whatever the ranking) or ``"slate"`` (only the
+    relevant candidates inside the rollout's own slate, see
+    :func:`slate_relevance`: NDCG's ideal DCG runs over them, so the ranking
+    is not charged for the slate's misses). With ``"slate"``, ``r_rank`` is
+    0 where :func:`rank_defined` is False, and callers should leave those
+    rollouts out of the rank phase (``group_advantages(..., mask=)``).
+
     >>> rel = jnp.array([0., 1., 0., 2.])
     >>> r_gen, r_rank = phase_rewards(jnp.array([1, 3, 0]), jnp.array([3, 1]), rel)
     >>> r_gen.tolist(), r_rank.tolist()
@@ -721,9 +781,13 @@ def phase_rewards(
     """
     if rank_metric not in _RANK_METRICS:
         raise ValueError(f"rank_metric must be one of {_RANK_METRICS}, got {rank_metric!r}")
+    if rank_ideal not in _RANK_IDEALS:
+        raise ValueError(f"rank_ideal must be one of {_RANK_IDEALS}, got {rank_ideal!r}")
     slate = _as_candidates(slate, "slate")
     ranking = _as_candidates(ranking, "ranking")
     r_gen = coverage(slate, relevance, mode=coverage_mode)
+    if rank_ideal == "slate":
+        relevance = slate_relevance(slate, relevance)
     if restrict_to_slate:
         ranking = _restrict_to_slate(ranking, slate)
     k = _resolve_k(rank_k, ranking.shape[-1])

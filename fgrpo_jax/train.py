@@ -76,6 +76,7 @@ def validate_config(config, pool_size: int | None = None):
   choices = {"reward.coverage": ("recall", "f1"), "reward.rank_metric": ("ndcg", "hit", "mrr"),
              "reward.gain": ("exp", "linear"), "reward.advantage": ("mean", "std", "rloo"),
              "rl.ratio": ("token", "phase"), "sft.supervise": ("relevant", "all"),
+             "rl.loss_norm": ("phase", "joint"), "reward.rank_ideal": ("pool", "slate"),
              "sft.slate_order": ("random", "relevant_first"), "rl.kl_estimator": ("k1", "k3"),
              "model.dtype": ("float32", "bfloat16"), "model.remat": ("none", "full"),
              "data.loader": ("memory", "grain")}
@@ -227,6 +228,9 @@ def build_model(config, vocab_size: int, mesh, log=print):
 def make_optimizer(optim, peak_lr: float, total_steps: int) -> optax.GradientTransformation:
   """AdamW with linear warmup, cosine decay and global-norm clipping.
 
+  total_steps: the optimizer updates the schedule spans (a stage's steps times its
+  updates per step, see stage_sizes).
+
   Cached on its values: the optimizer is a static argument of the jitted steps, so
   an equal optimizer must be the same object for the compiled step to be reused.
   """
@@ -235,13 +239,26 @@ def make_optimizer(optim, peak_lr: float, total_steps: int) -> optax.GradientTra
                     float(peak_lr), int(total_steps))
 
 
+def learning_rate_schedule(optim, peak_lr: float, total_steps: int):
+  """The learning rate against the optimizer update count: linear warmup over
+  optim.warmup_steps updates, then cosine decay to optim.final_lr_frac * peak at
+  update total_steps (the stage's optimizer updates, not its steps)."""
+  return _schedule(int(optim.warmup_steps), float(optim.final_lr_frac), float(peak_lr),
+                   int(total_steps))
+
+
+@functools.lru_cache(maxsize=None)
+def _schedule(warmup_steps, final_lr_frac, peak_lr, total_steps):
+  warmup = min(warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=peak_lr * final_lr_frac)
+
+
 @functools.lru_cache(maxsize=None)
 def _optimizer(warmup_steps, weight_decay, b1, b2, grad_clip, final_lr_frac, peak_lr,
                total_steps):
-  warmup = min(warmup_steps, max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=peak_lr * final_lr_frac)
+  schedule = _schedule(warmup_steps, final_lr_frac, peak_lr, total_steps)
   return optax.chain(
       optax.clip_by_global_norm(grad_clip),
       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
@@ -263,6 +280,8 @@ class RLSettings:
   loss: objectives.PolicyLossConfig
   format_penalty: float = 1.0  # subtracted from a malformed phase's reward (free decoding)
   grad_accum: int = 1  # microbatches per gradient (config.optim.grad_accum)
+  loss_norm: str = "phase"  # phase: mean(slate) + lam*mean(rank) | joint: one mean, rank x lam
+  rank_ideal: str = "pool"  # R_rank's ideal DCG over the pool | the rollout's own slate
 
   @classmethod
   def from_config(cls, config):
@@ -272,6 +291,7 @@ class RLSettings:
                rank_metric=config.reward.rank_metric, gain=config.reward.gain,
                lam=config.reward.lam, advantage=config.reward.advantage,
                inner_steps=rl.inner_steps, format_penalty=config.reward.format_penalty,
+               loss_norm=rl.loss_norm, rank_ideal=config.reward.rank_ideal,
                loss=objectives.PolicyLossConfig(
                    eps_low=rl.eps_low, eps_high=rl.eps_high, ratio=rl.ratio,
                    kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator),
@@ -354,7 +374,8 @@ def accumulated_value_and_grad(loss_fn, params, data, n: int):
 
 def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
                supervise="relevant", slate_order="random",
-               phases=(R.PHASE_GEN, R.PHASE_RANK), grad_accum: int = 1, frozen=None):
+               phases=(R.PHASE_GEN, R.PHASE_RANK), grad_accum: int = 1, frozen=None,
+               inner_steps: int = 1):
   """One teacher-forcing update on gold sequences (G = 1) -> (params, opt_state, metrics).
 
   batch: dict of [B, ...] arrays (MODEL_KEYS[1:]).
@@ -365,6 +386,8 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   In free decoding the model writes the tags itself, so they carry loss too.
   grad_accum: microbatches of B / grad_accum rows per gradient (same result).
   frozen: None, or the lora.Frozen base when `params` are LoRA adapters.
+  inner_steps: optimizer updates on this batch (the SFT baselines match RL's
+  rl.inner_steps updates per step); metrics are those of the first.
   """
   if not layout.constrained:
     phases = (*phases, R.PHASE_TAG)
@@ -394,30 +417,35 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
     return loss, {"nll_gen": gen, "nll_rank": rank}
 
   data = {**_model_batch(batch), "choices": choices, "phase_ids": phase_ids}
-  (loss, aux), grads = accumulated_value_and_grad(loss_fn, params, data, grad_accum)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+  for i in range(inner_steps):
+    (loss, aux), grads = accumulated_value_and_grad(loss_fn, params, data, grad_accum)
+    if i == 0:
+      metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  return params, opt_state, metrics
 
 
-SFT_STATIC = ("cfg", "layout", "optimizer", "supervise", "slate_order", "grad_accum")
+SFT_STATIC = ("cfg", "layout", "optimizer", "supervise", "slate_order", "grad_accum",
+              "inner_steps")
 
 
 @functools.partial(jax.jit, static_argnames=SFT_STATIC, donate_argnums=0)
 def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise="relevant",
-             slate_order="random", grad_accum=1, frozen=None):
+             slate_order="random", grad_accum=1, frozen=None, inner_steps=1):
   """SFT of the one policy that writes both phases (frozen: the LoRA base or None)."""
   params, opt_state, metrics = sft_update(state.params, state.opt_state, batch, key, cfg=cfg,
                                           layout=layout, optimizer=optimizer,
                                           supervise=supervise, slate_order=slate_order,
-                                          grad_accum=grad_accum, frozen=frozen)
+                                          grad_accum=grad_accum, frozen=frozen,
+                                          inner_steps=inner_steps)
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
 @functools.partial(jax.jit, static_argnames=SFT_STATIC, donate_argnums=0)
 def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
                        supervise="relevant", slate_order="random", grad_accum=1,
-                       frozen=None):
+                       frozen=None, inner_steps=1):
   """SFT of a decoupled pair: the selector on gold slates, the ranker on gold rankings."""
   out_p, out_o, metrics = {}, {}, {}
   for role, phases, half in (("selector", (R.PHASE_GEN,), True),
@@ -425,7 +453,7 @@ def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
     out_p[role], out_o[role], m = sft_update(
         state.params[role], state.opt_state[role], _half(batch, half), key, cfg=cfg,
         layout=layout, optimizer=optimizer, supervise=supervise, slate_order=slate_order,
-        phases=phases, grad_accum=grad_accum, frozen=frozen)
+        phases=phases, grad_accum=grad_accum, frozen=frozen, inner_steps=inner_steps)
     metrics.update({f"{role}_{k}": v for k, v in m.items()})
   metrics["loss"] = metrics["selector_loss"] + metrics["ranker_loss"]
   metrics["grad_norm"] = metrics["selector_grad_norm"] + metrics["ranker_grad_norm"]
@@ -433,22 +461,77 @@ def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
 
 
 def rollout_rewards(ro: rollout_lib.Rollout, relevance, s: RLSettings, rank_size: int):
-  """Per-phase rewards of a rollout: relevance [B, C] -> (r_gen, r_rank) [B, G].
+  """Per-phase rewards of a rollout: relevance [B, C] -> (r_gen, r_rank, rank_ok) [B, G].
 
   A malformed slate (ranking) part of a free-decoding rollout loses
   s.format_penalty from R_gen (R_rank); constrained rollouts are always well formed.
+  rank_ok: where R_rank is defined — everywhere with s.rank_ideal="pool"; with
+  "slate", only where the rollout's slate holds a relevant candidate (elsewhere
+  R_rank is 0 and the factorised algorithms leave the rank tokens out).
   """
   rel = relevance[:, None]
   r_gen, r_rank = R.phase_rewards(ro.slate, ro.ranking, rel, coverage_mode=s.coverage,
-                                  rank_metric=s.rank_metric, rank_k=rank_size, gain=s.gain)
+                                  rank_metric=s.rank_metric, rank_k=rank_size, gain=s.gain,
+                                  rank_ideal=s.rank_ideal)
   pen_gen, pen_rank = parse_lib.phase_penalties(ro.errors, s.format_penalty)
-  return r_gen + pen_gen, r_rank + pen_rank
+  rank_ok = (R.rank_defined(ro.slate, rel) if s.rank_ideal == "slate"
+             else jnp.ones(r_rank.shape, bool))
+  return r_gen + pen_gen, r_rank + pen_rank, rank_ok
 
 
-def rl_advantages(r_gen, r_rank, phase_ids, s: RLSettings):
+def rl_advantages(r_gen, r_rank, rank_ok, phase_ids, s: RLSettings):
+  """(token advantages [B, G, T], per-rollout advantages, loss phase ids [B, G, T]).
+
+  The loss phase ids drop the rank tokens of rollouts whose R_rank is undefined
+  (rank_ok False, reward.rank_ideal="slate") from the factorised rank loss; GRPO's
+  one joint reward has no such case (an undefined R_rank counts 0 in it).
+  Under rl.loss_norm="joint" the rank tokens' advantages carry the lambda weight
+  (one mean over all choice tokens); under "phase" the loss weights the phase means.
+  """
   if s.algorithm == "grpo":
-    return objectives.grpo_advantages(r_gen, r_rank, phase_ids, lam=s.lam, mode=s.advantage)
-  return objectives.fgrpo_advantages(r_gen, r_rank, phase_ids, mode=s.advantage)
+    token_adv, adv = objectives.grpo_advantages(r_gen, r_rank, phase_ids, lam=s.lam,
+                                                mode=s.advantage)
+    loss_ids = phase_ids
+  else:
+    token_adv, adv = objectives.fgrpo_advantages(r_gen, r_rank, phase_ids, mode=s.advantage,
+                                                 rank_mask=rank_ok)
+    loss_ids = objectives.drop_rank_tokens(phase_ids, rank_ok)
+  if s.loss_norm == "joint":
+    token_adv = jnp.where(phase_ids == R.PHASE_RANK, s.lam * token_adv, token_adv)
+  return token_adv, adv, loss_ids
+
+
+def loss_groups(s: RLSettings):
+  """The phase groups of the clipped surrogate: the same for every algorithm, so that
+  F-GRPO and GRPO differ only in their advantages (rl.loss_norm)."""
+  return objectives.fgrpo_groups(s.lam) if s.loss_norm == "phase" else objectives.JOINT_GROUPS
+
+
+def group_diagnostics(r_gen, r_rank, rank_ok, s: RLSettings):
+  """Per-step diagnostics of credit assignment, for any algorithm. [B, G] -> scalars.
+
+  adv_{gen,rank}_var: mean within-group variance of the per-phase advantages (those
+  F-GRPO uses, whatever the algorithm); zero_{gen,rank}_groups: fraction of groups
+  where that phase's advantage is 0 for every rollout (nothing to learn from);
+  reward_corr: mean within-group correlation of R_gen and R_rank over the groups
+  where both vary (1 = one reward would say the same as two); corr_groups: the
+  fraction of groups where both vary.
+  """
+  a_gen = R.group_advantages(r_gen, mode=s.advantage)
+  a_rank = R.group_advantages(r_rank, mode=s.advantage, mask=rank_ok)
+  out = {}
+  for name, a in (("gen", a_gen), ("rank", a_rank)):
+    out[f"adv_{name}_var"] = jnp.mean(jnp.var(a, axis=-1))
+    out[f"zero_{name}_groups"] = jnp.mean(jnp.all(a == 0, axis=-1))
+  dg = r_gen - jnp.mean(r_gen, axis=-1, keepdims=True)
+  dr = r_rank - jnp.mean(r_rank, axis=-1, keepdims=True)
+  sg, sr = jnp.sqrt(jnp.mean(dg * dg, -1)), jnp.sqrt(jnp.mean(dr * dr, -1))
+  both = (sg > 1e-6) & (sr > 1e-6)
+  corr = jnp.mean(dg * dr, -1) / jnp.where(both, sg * sr, 1.0)
+  out["reward_corr"] = jnp.sum(jnp.where(both, corr, 0.0)) / jnp.maximum(jnp.sum(both), 1)
+  out["corr_groups"] = jnp.mean(both)
+  out["rank_defined"] = jnp.mean(rank_ok)
+  return out
 
 
 def _stats(prefix, x):
@@ -456,7 +539,7 @@ def _stats(prefix, x):
 
 
 def policy_update(params, opt_state, mb, ro: rollout_lib.Rollout, token_adv, groups, ref_params,
-                  *, cfg, layout, optimizer, settings: RLSettings, frozen=None):
+                  *, cfg, layout, optimizer, settings: RLSettings, frozen=None, diagnose=None):
   """`settings.inner_steps` clipped-surrogate updates of one policy on its rollouts.
 
   mb: model inputs of B prompts; ro: their rollouts [B, G, ...]; token_adv f32
@@ -464,6 +547,8 @@ def policy_update(params, opt_state, mb, ro: rollout_lib.Rollout, token_adv, gro
   of B / grad_accum prompts (with all their G rollouts); the losses are normalised
   by token counts of the whole batch, so the gradient is the full batch's.
   frozen: None, or the lora.Frozen base when `params` are LoRA adapters.
+  diagnose: None, or a traced bool: when True, also the gradient norms of the
+  slate-token and rank-token parts of the loss (grad_norm_gen / grad_norm_rank).
 
   Returns (params, opt_state, metrics) — metrics of the first inner step, plus the
   clip fraction and drift of the last (where the ratio is no longer 1).
@@ -490,10 +575,22 @@ def policy_update(params, opt_state, mb, ro: rollout_lib.Rollout, token_adv, gro
     aux["entropy"] = jnp.sum(ent * trained) / jnp.maximum(counts[-1], 1)
     return loss, aux
 
+  def phase_grad_norm(phase):
+    # The surrogate is linear in the advantages: zeroing them off one phase's tokens
+    # leaves that phase's part of the loss (the KL term is not part of either).
+    rows = {**data, "adv": jnp.where(ro.phase_ids == phase, token_adv, 0.0)}
+    rows.pop("ref_lp", None)
+    _, g = accumulated_value_and_grad(loss_fn, params, rows, s.grad_accum)
+    return optax.tree.norm(g)
+
   for i in range(s.inner_steps):  # a few static PPO-style epochs on the same rollouts
     (loss, aux), grads = accumulated_value_and_grad(loss_fn, params, data, s.grad_accum)
     if i == 0:
       metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+      if diagnose is not None:  # two extra backward passes, only on logged steps
+        metrics["grad_norm_gen"], metrics["grad_norm_rank"] = jax.lax.cond(
+            diagnose, lambda: (phase_grad_norm(R.PHASE_GEN), phase_grad_norm(R.PHASE_RANK)),
+            lambda: (jnp.zeros(()), jnp.zeros(())))
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
   metrics["clip_frac"], metrics["approx_kl_old"] = aux["clip_frac"], aux["approx_kl_old"]
@@ -510,24 +607,29 @@ def _advantage_stats(adv):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "settings"),
                    donate_argnums=0)
-def rl_step(state: TrainState, ref_params, batch, key, *, cfg, layout, optimizer,
-            settings: RLSettings, frozen=None):
+def rl_step(state: TrainState, ref_params, batch, key, diagnose=None, *, cfg, layout,
+            optimizer, settings: RLSettings, frozen=None):
   """F-GRPO / GRPO: rollout -> rewards -> group advantages -> clipped-surrogate updates.
 
+  The two algorithms share the rollout, the rewards and the loss (settings.loss_norm);
+  they differ only in the advantages (rl_advantages).
+  diagnose: None, or a traced bool; True adds the per-phase gradient norms (the
+  loop passes True on logged steps; None compiles without them).
   frozen: None, or the lora.Frozen base when state.params are LoRA adapters.
   """
   s = settings
   mb = _model_batch(batch)
   ro = rollout_lib.sample(lora_lib.model_params(state.params, frozen), mb, key, cfg=cfg,
                           layout=layout, group_size=s.group_size, temperature=s.temperature)
-  r_gen, r_rank = rollout_rewards(ro, batch["relevance"], s, layout.rank_size)
-  token_adv, adv = rl_advantages(r_gen, r_rank, ro.phase_ids, s)
-  groups = objectives.GRPO_GROUPS if s.algorithm == "grpo" else objectives.fgrpo_groups(s.lam)
+  r_gen, r_rank, rank_ok = rollout_rewards(ro, batch["relevance"], s, layout.rank_size)
+  token_adv, adv, loss_ids = rl_advantages(r_gen, r_rank, rank_ok, ro.phase_ids, s)
   params, opt_state, metrics = policy_update(
-      state.params, state.opt_state, mb, ro, token_adv, groups, ref_params, cfg=cfg,
-      layout=layout, optimizer=optimizer, settings=s, frozen=frozen)
+      state.params, state.opt_state, mb, ro._replace(phase_ids=loss_ids), token_adv,
+      loss_groups(s), ref_params, cfg=cfg, layout=layout, optimizer=optimizer, settings=s,
+      frozen=frozen, diagnose=diagnose)
   metrics.update(**_stats("reward_gen", r_gen), **_stats("reward_rank", r_rank),
-                 **_advantage_stats(adv), format_valid=jnp.mean(parse_lib.validity(ro.errors)))
+                 **_advantage_stats(adv), **group_diagnostics(r_gen, r_rank, rank_ok, s),
+                 format_valid=jnp.mean(parse_lib.validity(ro.errors)))
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
@@ -539,17 +641,23 @@ def _half(batch, first: bool):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "settings"),
                    donate_argnums=0)
-def decoupled_step(state: TrainState, ref_params, batch, key, *, cfg, layout, optimizer,
-                   settings: RLSettings, frozen=None):
+def decoupled_step(state: TrainState, ref_params, batch, key, diagnose=None, *, cfg, layout,
+                   optimizer, settings: RLSettings, frozen=None):
   """Decoupled pipeline: a selector (R_gen) and a ranker (R_rank) as two policies.
 
-  params = {"selector": ..., "ranker": ...}. The rollout budget equals F-GRPO's: the
-  first half of the prompts gives G selector rollouts each; on the second half the
-  selector samples one slate per prompt and the ranker G rankings of that slate.
+  params = {"selector": ..., "ranker": ...}. The sampling budget equals F-GRPO's:
+  B*G sampled sequences and settings.inner_steps updates of each policy per step.
+  On the first B/2 prompts the selector samples G rollouts each (B*G/2 sequences);
+  the ranker samples G rankings (B*G/2 sequences) of the slate of the selector's
+  first rollout of the same prompt, so it learns on the slates the selector really
+  writes and no sequence is sampled outside the budget. The batch's other half is
+  not used (each policy sees B/2 prompts per step).
   With LoRA (frozen = the base) the two roles are two adapter sets on one base.
+  diagnose: unused (the two policies' gradients are per phase already).
   """
+  del diagnose
   s = settings
-  k_sel, k_slate, k_rank = jax.random.split(key, 3)
+  k_sel, k_rank = jax.random.split(key)
   sel, rnk = state.params["selector"], state.params["ranker"]
   ref = {"selector": ref_params, "ranker": ref_params}
   view = functools.partial(lora_lib.model_params, frozen=frozen)
@@ -558,36 +666,36 @@ def decoupled_step(state: TrainState, ref_params, batch, key, *, cfg, layout, op
   mb1 = _model_batch(b1)
   ro = rollout_lib.sample(view(sel), mb1, k_sel, cfg=cfg, layout=layout,
                           group_size=s.group_size, temperature=s.temperature)
-  r_gen, _ = rollout_rewards(ro, b1["relevance"], s, layout.rank_size)
+  r_gen, _, _ = rollout_rewards(ro, b1["relevance"], s, layout.rank_size)
   a_gen = R.group_advantages(r_gen, mode=s.advantage)
   adv = R.token_advantages(ro.phase_ids, {R.PHASE_GEN: a_gen})
-  sel, sel_opt, m_sel = policy_update(sel, state.opt_state["selector"], mb1, ro, adv,
-                                      (((R.PHASE_GEN,), 1.0),), ref["selector"], cfg=cfg,
-                                      layout=layout, optimizer=optimizer, settings=s,
-                                      frozen=frozen)
+  sel, sel_opt, m_sel = policy_update(
+      sel, state.opt_state["selector"], mb1, ro, adv, (((R.PHASE_GEN,), 1.0),),
+      ref["selector"], cfg=cfg, layout=layout, optimizer=optimizer, settings=s, frozen=frozen)
 
-  b2 = _half(batch, False)
-  mb2 = _model_batch(b2)
-  slate = rollout_lib.sample(view(state.params["selector"]), mb2, k_slate, cfg=cfg,
-                             layout=layout, group_size=1,
-                             temperature=s.temperature).slate[:, 0]
-  ro2 = rollout_lib.sample(view(rnk), mb2, k_rank, cfg=cfg, layout=layout,
+  # The ranker ranks slates the selector sampled above (its first rollout per
+  # prompt), on the same prompts: B*G sequences in all, like F-GRPO.
+  slate = ro.slate[:, 0]
+  ro2 = rollout_lib.sample(view(rnk), mb1, k_rank, cfg=cfg, layout=layout,
                            group_size=s.group_size, temperature=s.temperature,
                            given_slate=slate)
-  _, r_rank = rollout_rewards(ro2, b2["relevance"], s, layout.rank_size)
-  a_rank = R.group_advantages(r_rank, mode=s.advantage)
+  _, r_rank, rank_ok = rollout_rewards(ro2, b1["relevance"], s, layout.rank_size)
+  a_rank = R.group_advantages(r_rank, mode=s.advantage, mask=rank_ok)
   adv2 = R.token_advantages(ro2.phase_ids, {R.PHASE_RANK: a_rank})
-  rnk, rnk_opt, m_rnk = policy_update(rnk, state.opt_state["ranker"], mb2, ro2, adv2,
+  ro2 = ro2._replace(phase_ids=objectives.drop_rank_tokens(ro2.phase_ids, rank_ok))
+  rnk, rnk_opt, m_rnk = policy_update(rnk, state.opt_state["ranker"], mb1, ro2, adv2,
                                       (((R.PHASE_RANK,), 1.0),), ref["ranker"], cfg=cfg,
                                       layout=layout, optimizer=optimizer, settings=s,
                                       frozen=frozen)
   metrics = {**{f"selector_{k}": v for k, v in m_sel.items()},
              **{f"ranker_{k}": v for k, v in m_rnk.items()},
              "grad_norm": m_sel["grad_norm"] + m_rnk["grad_norm"],
+             "grad_norm_gen": m_sel["grad_norm"], "grad_norm_rank": m_rnk["grad_norm"],
              "clip_frac": (m_sel["clip_frac"] + m_rnk["clip_frac"]) / 2,
              "entropy": (m_sel["entropy"] + m_rnk["entropy"]) / 2,
              **_stats("reward_gen", r_gen), **_stats("reward_rank", r_rank),
-             **_advantage_stats({"adv_gen": a_gen, "adv_rank": a_rank})}
+             **_advantage_stats({"adv_gen": a_gen, "adv_rank": a_rank}),
+             **group_diagnostics(r_gen, r_rank, rank_ok, s)}
   return TrainState({"selector": sel, "ranker": rnk},
                     {"selector": sel_opt, "ranker": rnk_opt}, state.step + 1), metrics
 
@@ -669,27 +777,51 @@ def _stage_step(stage: str, config, cfg, layout, optimizer):
   alg = config.algorithm
   static = {"cfg": cfg, "layout": layout, "optimizer": optimizer}
   if stage == "rl":
-    keys = ("reward_gen_mean", "reward_rank_mean", "adv_gen_abs_mean", "clip_frac", "entropy",
-            "grad_norm")
+    keys = ("reward_gen_mean", "reward_rank_mean", "zero_gen_groups", "reward_corr",
+            "clip_frac", "entropy", "grad_norm_gen", "grad_norm_rank", "lr")
     if not config.rollout.constrained:
       keys += ("format_valid",)
     fn = decoupled_step if alg == "decoupled" else rl_step
     return fn, {**static, "settings": RLSettings.from_config(config)}, True, keys
   fn = decoupled_sft_step if (stage == "sft_more" and alg == "decoupled_sft") else sft_step
   return (fn, {**static, "supervise": config.sft.supervise,
-               "slate_order": config.sft.slate_order, "grad_accum": config.optim.grad_accum},
+               "slate_order": config.sft.slate_order, "grad_accum": config.optim.grad_accum,
+               "inner_steps": stage_sizes(stage, config).updates_per_step},
           False,
-          ("loss", "nll_gen", "nll_rank", "grad_norm"))
+          ("loss", "nll_gen", "nll_rank", "grad_norm", "lr"))
 
 
-def _stage_sizes(stage: str, config):
-  """(steps, batch size, peak lr) of a stage. The SFT baselines' extra stage sees as
-  many gold sequences per step as RL samples rollouts (equal budgets)."""
+class StageSizes(NamedTuple):
+  steps: int  # steps of the stage (each: one batch)
+  batch_size: int  # rows per step: sequences (SFT) or prompts (RL, with G rollouts each)
+  lr: float  # peak learning rate
+  updates_per_step: int  # optimizer updates per step (on the same batch)
+
+  @property
+  def updates(self) -> int:
+    """Optimizer updates of the stage: the length of its learning-rate schedule."""
+    return self.steps * self.updates_per_step
+
+
+def stage_sizes(stage: str, config) -> StageSizes:
+  """The sizes of a stage. The budget rule of the stage after the warm start: every
+  algorithm gets the same rl.steps steps, rl.inner_steps optimizer updates per step,
+  peak rate rl.lr (each algorithm's own value from the sweep) and B*G sequences per
+  step — sampled rollouts for RL, gold sequences for the SFT baselines."""
   if stage == "sft":
-    return config.sft.steps, config.sft.batch_size, config.sft.lr
+    return StageSizes(config.sft.steps, config.sft.batch_size, config.sft.lr, 1)
+  rl = config.rl
   if stage == "rl":
-    return config.rl.steps, config.rl.batch_prompts, config.rl.lr
-  return (config.rl.steps, config.rl.batch_prompts * config.rollout.group_size, config.sft.lr)
+    return StageSizes(rl.steps, rl.batch_prompts, rl.lr, rl.inner_steps)
+  return StageSizes(rl.steps, rl.batch_prompts * config.rollout.group_size, rl.lr,
+                    rl.inner_steps)
+
+
+def optimizer_updates(opt_state) -> int:
+  """Optimizer updates applied so far (optax's step counters; the largest, so that a
+  decoupled pair's two optimizers, which advance together, count once)."""
+  counts = [int(v) for _, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")]
+  return max(counts, default=0)
 
 
 def policy_params(params, frozen):
@@ -714,8 +846,10 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
   frozen: None, or the lora.Frozen base: `params` are then LoRA adapters, the only
   thing trained and checkpointed, and the KL reference is the base without them.
   """
-  total, batch_size, lr = _stage_sizes(stage, config)
-  optimizer = make_optimizer(config.optim, lr, total)
+  sizes = stage_sizes(stage, config)
+  total, batch_size = sizes.steps, sizes.batch_size
+  optimizer = make_optimizer(config.optim, sizes.lr, sizes.updates)
+  schedule = learning_rate_schedule(config.optim, sizes.lr, sizes.updates)
   rep = sharding.replicated(mesh)
   params = sharding.shard_params(params, mesh)
   ref_params = None
@@ -760,11 +894,16 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
     else:  # this host's rows, read from its shard of the array_record files
       rows = {k: v for k, v in next(stream).items() if k in MODEL_KEYS}
     batch = sharding.shard_batch(rows, mesh)
-    state, metrics = step_fn(state, *ref_args, batch, jax.random.fold_in(base_key, step),
-                             frozen=frozen, **static)
     done = step + 1
-    if done % config.log_every == 0 or done == total:
+    log_now = done % config.log_every == 0 or done == total
+    extra = {"diagnose": jnp.asarray(log_now)} if takes_ref else {}
+    state, metrics = step_fn(state, *ref_args, batch, jax.random.fold_in(base_key, step),
+                             frozen=frozen, **extra, **static)
+    if log_now:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      # The schedule's rate for the next update, and the updates applied so far.
+      metrics["opt_updates"] = optimizer_updates(state.opt_state)
+      metrics["lr"] = float(schedule(metrics["opt_updates"]))
       now = time.time()
       metrics["steps_per_s"] = (done - step_last) / max(now - t_last, 1e-9)
       if stage == "rl":

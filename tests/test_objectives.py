@@ -60,7 +60,7 @@ def _reference_surrogate(lp, old, adv, phases, groups, eps_low, eps_high):
   return -total
 
 
-@pytest.mark.parametrize("groups", [O.fgrpo_groups(1.0), O.fgrpo_groups(0.25), O.GRPO_GROUPS])
+@pytest.mark.parametrize("groups", [O.fgrpo_groups(1.0), O.fgrpo_groups(0.25), O.JOINT_GROUPS])
 def test_clipped_surrogate_matches_reference(groups):
   rng = np.random.default_rng(4)
   lp = jnp.asarray(rng.normal(size=(B, G, T)) * 0.3, jnp.float32)
