@@ -31,7 +31,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 TABLE_KEYS = ("hit@1", "hit@3", "hit@5", "ndcg@1", "ndcg@3", "ndcg@5", "recall@3", "recall@5",
-              "slate_recall", "slate_miss", "rank_drop")
+              "slate_recall", "slate_miss", "rank_drop", "rank_drop_given_hit")
+# Validation columns (settings are chosen on these; the test table only reports).
+VAL_KEYS = ("val_hit@1", "val_ndcg@5", "val_slate_recall", "val_slate_miss",
+            "val_rank_drop_given_hit")
 
 
 def _set_field(config, dotted: str, value):
@@ -89,14 +92,14 @@ def _aggregate(per_seed: dict[str, list[dict]]) -> dict:
   return out
 
 
-def markdown_table(agg: dict, order: list[str], seeds: int) -> str:
-  head = ["run"] + list(TABLE_KEYS) + ["wall time (s)"]
+def markdown_table(agg: dict, order: list[str], seeds: int, keys=TABLE_KEYS) -> str:
+  head = ["run"] + list(keys) + ["wall time (s)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in order:
-    if name not in agg:
+    if name not in agg or not any(k in agg[name] for k in keys):
       continue
     row = [name]
-    for k in TABLE_KEYS:
+    for k in keys:
       m = agg[name].get(k)
       row.append("" if m is None else f"{m['mean']:.3f} ± {m['std']:.3f}")
     wt = agg[name].get("wall_time_s")
@@ -106,6 +109,12 @@ def markdown_table(agg: dict, order: list[str], seeds: int) -> str:
   lines.append(f"Mean ± sample std over {seeds} seed(s); references are score-based policies "
                "(slate = top-k, ranking = top-m) on the same test examples.")
   return "\n".join(lines)
+
+
+def final_validation(history: list[dict]) -> dict:
+  """The last validation metrics of a run's history, keyed val_<metric>."""
+  rows = [r for r in history if "val_hit@1" in r]
+  return {k: v for k, v in rows[-1].items() if k.startswith("val_")} if rows else {}
 
 
 def read_history(workdir: str) -> list[dict]:
@@ -184,13 +193,15 @@ def run_compare(config, workdir: str, log=print) -> dict:
       run_dir = os.path.join(seed_dir, name.replace("/", "_"))
       log(f"== seed {seed}: {name}")
       result = train.run(cfg, run_dir, log=log)
-      per_seed.setdefault(name, []).append({**result["metrics"],
+      history = read_history(run_dir)
+      per_seed.setdefault(name, []).append({**result["metrics"], **final_validation(history),
                                             "wall_time_s": result["wall_time_s"]})
-      histories.setdefault(name, []).append(read_history(run_dir))
+      histories.setdefault(name, []).append(history)
     # References on the same test examples (they need no training but the pointwise one).
     with open(os.path.join(warm, "eval.json")) as f:
       warm_result = json.load(f)
-    per_seed.setdefault("sft warm start", []).append(warm_result["metrics"])
+    per_seed.setdefault("sft warm start", []).append(
+        {**warm_result["metrics"], **final_validation(read_history(warm))})
     if warm_result["oracle"]:
       per_seed.setdefault("oracle", []).append(warm_result["oracle"])
     for ref, metrics in warm_result["references"].items():
@@ -215,8 +226,9 @@ def run_compare(config, workdir: str, log=print) -> dict:
             "wall_time_s": round(time.time() - t0, 1)}
   train.write_json_atomic(os.path.join(workdir, "compare.json"), result)
   table = markdown_table(agg, order, config.compare.seeds)
+  val_table = markdown_table(agg, order, config.compare.seeds, keys=VAL_KEYS)
   with open(os.path.join(workdir, "compare.md.tmp"), "w") as f:
-    f.write(table + "\n")
+    f.write(table + "\n\nValidation (the split settings are chosen on):\n\n" + val_table + "\n")
   os.replace(os.path.join(workdir, "compare.md.tmp"), os.path.join(workdir, "compare.md"))
   plot_curves(histories, os.path.join(workdir, "curves.png"))
   log(table)
