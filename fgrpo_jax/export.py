@@ -88,17 +88,6 @@ def check_out(workdir, out, *, overwrite: bool = False, hf_checkpoint: str = "")
   return target
 
 
-def _replace_dir(staged: Path, target: Path) -> None:
-  """Renames the complete `staged` onto `target`; the old target is deleted last."""
-  old = None
-  if target.exists():
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rename(target, old / target.name)
-  os.rename(staged, target)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def read_run_config(workdir):
   """(config ConfigDict, task vocab_size) from workdir/run_config.json."""
   import ml_collections
@@ -178,7 +167,7 @@ def export_run(workdir, out, *, dtype=None, overwrite=False, log=print) -> Path:
       if lcfg is not None:
         lora_lib.save_adapters(jax.device_get(trainable), lcfg, role_dir / "adapter",
                                base_model=path)
-    _replace_dir(staged, target)
+    hf.replace_dir(staged, target)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   for role, _ in roles:

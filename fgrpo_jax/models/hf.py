@@ -422,6 +422,18 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.
       raise RuntimeError(f"internal error writing {path}: wrong byte count")
 
 
+def replace_dir(staged: Path, target: Path) -> None:
+  """Renames the complete directory `staged` onto `target` (a sibling); an existing
+  target is moved aside first and deleted last, so readers never see a half one."""
+  old = None
+  if target.exists():
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rename(target, old / target.name)
+  os.rename(staged, target)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_hf_checkpoint(params: Params, cfg: ModelConfig, directory, tokenizer=None,
                        architecture: str = "LlamaForCausalLM", dtype=None) -> Path:
   """Writes a transformers-loadable checkpoint: config.json + model.safetensors.
@@ -474,13 +486,7 @@ def save_hf_checkpoint(params: Params, cfg: ModelConfig, directory, tokenizer=No
     _write_safetensors(tmp / SAFETENSORS_FILE, tensors, {"format": "pt"})
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
-    old = None
-    if directory.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-      os.rename(directory, old / directory.name)
-    os.rename(tmp, directory)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
