@@ -144,6 +144,7 @@ def get_config(arg=None):
   c.eval.test_examples = 0  # test examples in the final evaluation (0 = all)
   c.eval.batch_size = 256  # prompts per evaluation batch
   c.eval.show_examples = 0  # print N decoded test rollouts at the end
+  c.eval.allow_random = False  # mode=eval without a checkpoint: evaluate random weights (else an error)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size (-1 = all devices not used by the others)

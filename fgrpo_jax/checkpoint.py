@@ -5,7 +5,10 @@ Data order and sampling keys are pure functions of (seed, step), so the step is
 all the iterator and PRNG state a resume needs. Orbax writes each step to a
 temporary directory and renames it when complete, so a killed save never leaves a
 step that looks finished; a latest step that fails to restore anyway (corrupt
-files) is skipped with a warning and the previous one is used.
+files) is skipped with a warning and the previous one is used. A resume (a restore
+that asks for the optimizer state: the stage goes on to save and rotate steps)
+moves unreadable steps aside to `ckpt/<stage>_corrupt/<step>[.n]` rather than let
+rotation delete them; when none is readable it says so before the stage restarts.
 """
 
 from __future__ import annotations
@@ -38,11 +41,15 @@ class StageCheckpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True))
 
-  def save(self, step: int, params, opt_state, *, force: bool = False) -> bool:
-    """Saves params and optimizer state as separate items (params load alone)."""
+  def due(self, step: int, *, force: bool = False) -> bool:
+    """Whether save(step, force=force) would write a checkpoint."""
     if not force and (self.every <= 0 or step % self.every):
       return False
-    if step in self._manager.all_steps():
+    return step not in self._manager.all_steps()
+
+  def save(self, step: int, params, opt_state, *, force: bool = False) -> bool:
+    """Saves params and optimizer state as separate items (params load alone)."""
+    if not self.due(step, force=force):
       return False
     return self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state)),
@@ -51,27 +58,57 @@ class StageCheckpointer:
   def restore_latest(self, abstract_params, abstract_opt_state=None):
     """(step, params, opt_state) of the newest readable checkpoint, or (None, None, None).
 
-    With abstract_opt_state=None only the parameters are read.
+    With abstract_opt_state=None only the parameters are read and the directory is
+    left as it is; with it (a resume), unreadable steps are moved aside.
     """
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    bad, found = [], (None, None, None)
+    for step in steps:
       items = {"params": ocp.args.StandardRestore(abstract_params)}
       if abstract_opt_state is not None:
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
       try:
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return step, out["params"], out.get("opt_state")
+        found = step, out["params"], out.get("opt_state")
+        break
       except ValueError as e:
         if any(m in str(e) for m in _MISMATCH):  # readable, but another run's layout: not a fallback case
           raise CheckpointMismatch(
               f"{self.directory}: checkpoint step {step} holds other parameters than this "
               "run's (changed config.model.lora_rank / lora_targets, config.algorithm or "
               "the model sizes?); use a new --workdir") from None
-        logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
-                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+        _unreadable(step, self.directory, e)
+        bad.append(step)
       except Exception as e:  # noqa: BLE001 - any unreadable step falls back
-        logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
-                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
-    return None, None, None
+        _unreadable(step, self.directory, e)
+        bad.append(step)
+    if bad and abstract_opt_state is not None:  # a resume: rotation would delete them
+      self._move_aside(bad, all_bad=len(bad) == len(steps))
+    return found
+
+  def _move_aside(self, steps, all_bad: bool) -> None:
+    """Renames unreadable step directories out of the manager's sight (kept, not deleted)."""
+    if jax.process_index() != 0:
+      return
+    aside = f"{self.directory}_corrupt"
+    os.makedirs(aside, exist_ok=True)
+    moved = []
+    for step in steps:
+      src = os.path.join(self.directory, str(step))
+      if not os.path.isdir(src):
+        continue
+      dst, n = os.path.join(aside, str(step)), 1
+      while os.path.exists(dst):  # an earlier run's corrupt step of the same number
+        dst, n = os.path.join(aside, f"{step}.{n}"), n + 1
+      os.rename(src, dst)
+      moved.append(str(step))
+    self._manager.reload()
+    if all_bad:
+      logging.warning("every checkpoint of %s is unreadable (steps %s, moved to %s): the stage "
+                      "starts again from step 0", self.directory, ", ".join(moved), aside)
+    elif moved:
+      logging.warning("unreadable checkpoint steps %s of %s moved to %s", ", ".join(moved),
+                      self.directory, aside)
 
   def latest_step(self):
     return self._manager.latest_step()
@@ -82,6 +119,11 @@ class StageCheckpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _unreadable(step, directory, e):
+  logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
+                  step, directory, type(e).__name__, str(e).splitlines()[0][:200])
 
 
 def abstract_like(tree):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,6 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from fgrpo_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
                                           lock_config=False)
@@ -164,8 +165,9 @@ def plot_curves(histories: dict[str, list[list[dict]]], path: str) -> None:
 def run_compare(config, workdir: str, log=print) -> dict:
   from fgrpo_jax import pointwise
   from fgrpo_jax import train
+  from fgrpo_jax import workdir_lock
   from fgrpo_jax.data import tasks as tasks_lib
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lock.prepare_workdir(workdir)
   runs = planned_runs(config)
   for name, fields in runs:  # fail fast on a bad variant, before hours of training
     trial = copy.deepcopy(config)
@@ -240,15 +242,12 @@ def run_compare(config, workdir: str, log=print) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from fgrpo_jax.errors import UserError
-  try:
+  with cli.user_errors():
     run_compare(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":
   from absl import logging
   logging.set_verbosity(logging.WARNING)
+  cli.precheck()  # a bad --config file or field: one line, before absl's traceback
   app.run(main)

@@ -19,13 +19,22 @@ them), restores the most advanced stage checkpoint of the workdir (as
 
 A decoupled pair is written as OUT/selector and OUT/ranker. The architecture is the
 hf_checkpoint's (Llama, Qwen2 or Qwen3), else LlamaForCausalLM. Runs on one process.
+
+OUT is replaced as a whole: everything is written to a hidden sibling directory that
+is renamed onto OUT only when complete. Because replacing deletes what was there,
+OUT may not be the workdir, a directory that contains it (or the run's
+hf_checkpoint), a path inside its checkpoints, or an existing file; an existing
+non-empty directory is replaced only if it is an earlier export (its config.json
+carries an "fgrpo_export" record) or with --overwrite.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 from absl import app, flags
@@ -38,7 +47,45 @@ def _define_flags():
   flags.DEFINE_string("out", None, "Directory to write the Hugging Face checkpoint to.")
   flags.DEFINE_string("dtype", "", "Cast the saved tensors (float32 / bfloat16 / float16; "
                       "default: as trained, float32).")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out directory that "
+                    "is not an earlier export.")
   flags.mark_flags_as_required(["workdir", "out"])
+
+
+EXPORT_RECORD = "fgrpo_export"  # key of config.json that marks a directory as our export
+
+
+def is_export(directory: Path) -> bool:
+  """An earlier export of ours: its (or its selector's) config.json has EXPORT_RECORD."""
+  for cfg in (directory / "config.json", directory / "selector" / "config.json"):
+    try:
+      if EXPORT_RECORD in json.loads(cfg.read_text(encoding="utf-8-sig")):
+        return True
+    except (OSError, ValueError, TypeError):
+      continue
+  return False
+
+
+def check_out(workdir, out, *, overwrite: bool = False, hf_checkpoint: str = "") -> Path:
+  """The resolved --out, or one line on why writing there would lose something."""
+  from fgrpo_jax.errors import UserError
+  target = Path(out).expanduser().resolve()
+  run = Path(workdir).expanduser().resolve()
+  for kept, what in ((run, "the workdir"), (Path(hf_checkpoint).expanduser().resolve()
+                                          if hf_checkpoint else None, "the run's hf_checkpoint")):
+    if kept is not None and (target == kept or target in kept.parents):
+      where = "is" if target == kept else "contains"
+      raise UserError(f"--out={out} {where} {what} {kept}: exporting there would delete it; "
+                      "choose another --out")
+  if (run / "ckpt") == target or (run / "ckpt") in target.parents:
+    raise UserError(f"--out={out} is inside the run's checkpoints ({run / 'ckpt'}); choose "
+                    "another --out")
+  if target.exists() and not target.is_dir():
+    raise UserError(f"--out={out} is an existing file; choose a directory path")
+  if target.is_dir() and any(target.iterdir()) and not is_export(target) and not overwrite:
+    raise UserError(f"--out={out} is a non-empty directory that is not an earlier export; "
+                    "choose another --out, or pass --overwrite to replace it")
+  return target
 
 
 def read_run_config(workdir):
@@ -67,16 +114,20 @@ def _architecture(cfg, hf_checkpoint: str) -> str:
 def _tokenizer(hf_checkpoint: str, log):
   if not hf_checkpoint:
     return None
+  from fgrpo_jax.data import text_prompts
+  from fgrpo_jax.errors import UserError
   try:
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(hf_checkpoint, local_files_only=True)
-  except Exception as e:  # noqa: BLE001 - a checkpoint without a tokenizer is fine
-    log(f"[export] no tokenizer copied from {hf_checkpoint} ({type(e).__name__})")
+    return text_prompts.load_tokenizer(hf_checkpoint)
+  except UserError as e:  # a checkpoint without a tokenizer is fine: say so, go on
+    log(f"[export] no tokenizer copied ({e})")
     return None
 
 
-def export_run(workdir, out, *, dtype=None, log=print) -> Path:
-  """Writes the latest trained (merged) params of `workdir` to `out`; returns `out`."""
+def export_run(workdir, out, *, dtype=None, overwrite=False, log=print) -> Path:
+  """Writes the latest trained (merged) params of `workdir` to `out`; returns `out`.
+
+  `out` is checked first (check_out) and replaced as a whole, never half-written.
+  """
   import jax
   from fgrpo_jax import sharding, train
   from fgrpo_jax.errors import UserError
@@ -85,42 +136,53 @@ def export_run(workdir, out, *, dtype=None, log=print) -> Path:
   if dtype not in (None, "float32", "bfloat16", "float16"):
     raise UserError(f"--dtype={dtype!r} is unknown (float32, bfloat16 or float16)")
   config, vocab_size = read_run_config(workdir)
+  path = config.model.get("hf_checkpoint", "")
+  target = check_out(workdir, out, overwrite=overwrite, hf_checkpoint=path)
   mesh = sharding.make_mesh({"data": -1}, devices=jax.local_devices())
   cfg, params, frozen = train.build_model(config, vocab_size, mesh, log=log)
   stage, restored = train.latest_checkpoint(workdir, config, params)
   if restored is None:
     raise UserError(f"{workdir}: no checkpoint to export (under {workdir}/ckpt)")
   log(f"[export] the latest {stage} params of {workdir}")
-  path = config.model.get("hf_checkpoint", "")
   architecture = _architecture(cfg, path)
   tokenizer = _tokenizer(path, log)
   lcfg = lora_lib.config_from_model_config(config.model)
   pair = isinstance(restored, dict) and "selector" in restored
   roles = restored.items() if pair else [("", restored)]
-  out = Path(out)
-  for role, trainable in roles:
-    target = out / role if role else out
-    merged = jax.device_get(lora_lib.merged(trainable, frozen))
-    hf.save_hf_checkpoint(merged, cfg, target, tokenizer=tokenizer,
-                          architecture=architecture, dtype=dtype or None)
-    if lcfg is not None:
-      lora_lib.save_adapters(jax.device_get(trainable), lcfg, target / "adapter",
-                             base_model=path)
-    log(f"[export] wrote {target} ({architecture}"
+  record = {"workdir": str(Path(workdir).resolve()), "stage": stage,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+  try:
+    staged = staging / "out"
+    for role, trainable in roles:
+      role_dir = staged / role if role else staged
+      merged = jax.device_get(lora_lib.merged(trainable, frozen))
+      hf.save_hf_checkpoint(merged, cfg, role_dir, tokenizer=tokenizer,
+                            architecture=architecture, dtype=dtype or None)
+      config_json = role_dir / "config.json"  # transformers keeps unknown keys
+      config_json.write_text(json.dumps({**json.loads(config_json.read_text()),
+                                         EXPORT_RECORD: {**record, "role": role or None}},
+                                        indent=2) + "\n")
+      if lcfg is not None:
+        lora_lib.save_adapters(jax.device_get(trainable), lcfg, role_dir / "adapter",
+                               base_model=path)
+    hf.replace_dir(staged, target)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  for role, _ in roles:
+    log(f"[export] wrote {target / role if role else target} ({architecture}"
         f"{', merged LoRA + adapter/' if lcfg is not None else ''})")
-  return out
+  return Path(out)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from fgrpo_jax.errors import UserError
+  from fgrpo_jax import cli
   f = flags.FLAGS
-  try:
-    export_run(f.workdir, f.out, dtype=f.dtype or None)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  with cli.user_errors():
+    export_run(f.workdir, f.out, dtype=f.dtype or None, overwrite=f.overwrite)
 
 
 if __name__ == "__main__":

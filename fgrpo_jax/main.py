@@ -8,7 +8,6 @@ data end in one line naming the field or the file, not a traceback.
 from __future__ import annotations
 
 import os
-import sys
 
 # TensorFlow (pulled in by clu's TensorBoard writer) is chatty on import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -16,6 +15,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from fgrpo_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
                                           lock_config=True)
@@ -29,16 +30,13 @@ def main(argv):
   from fgrpo_jax import distributed
   distributed.maybe_initialize()
   from fgrpo_jax import train
-  from fgrpo_jax.errors import UserError
-  try:
+  with cli.user_errors():
     train.run(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 def run():
   logging.set_verbosity(logging.WARNING)
+  cli.precheck()  # a bad --config file or field: one line, before absl's traceback
   app.run(main)
 
 

@@ -24,6 +24,7 @@ their inputs (GSPMD propagation), so `train.sft_step` / `train.rl_step` /
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -353,8 +354,15 @@ def init_sharded_params(cfg: llama.ModelConfig, key, mesh, rules=DEFAULT_RULES):
   With the (default) partitionable threefry PRNG the values equal the unsharded
   init's, whatever the mesh.
   """
+  return _init_fn(cfg, mesh, rules)(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(cfg: llama.ModelConfig, mesh, rules):
+  """One jitted init per (config, mesh, rules): a fresh lambda per call would compile the
+  init again on every run in the same process (a comparison, the tests)."""
   shardings = param_shardings(llama.param_shapes(cfg), mesh, rules)
-  return jax.jit(lambda k: llama.init_params(cfg, k), out_shardings=shardings)(key)
+  return jax.jit(functools.partial(llama.init_params, cfg), out_shardings=shardings)
 
 
 def init_opt_state(optimizer, params, mesh, rules=DEFAULT_RULES):

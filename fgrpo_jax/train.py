@@ -24,16 +24,19 @@ import optax
 
 from fgrpo_jax import checkpoint as ckpt_lib
 from fgrpo_jax import evaluate as eval_lib
+from fgrpo_jax import guards
 from fgrpo_jax import objectives
 from fgrpo_jax import parse as parse_lib
 from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout as rollout_lib
 from fgrpo_jax import sharding
+from fgrpo_jax import workdir_lock
 from fgrpo_jax.data import tasks as tasks_lib
 from fgrpo_jax.models import hf
 from fgrpo_jax.models import llama
 from fgrpo_jax.models import lora as lora_lib
 from fgrpo_jax.errors import UserError
+from fgrpo_jax.guards import check_finite_settings as _check_finite_settings
 
 ALGORITHMS = ("fgrpo", "grpo", "decoupled", "decoupled_sft", "sft")
 MODEL_KEYS = ("ids", "prompt", "prompt_mask", "cand_tokens", "pool_mask", "relevance")
@@ -70,6 +73,8 @@ def validate_config(config, pool_size: int | None = None):
     raise ConfigError(f"config.rollout.rank_size={r.rank_size} must be between 1 and "
                       f"config.rollout.slate_size={r.slate_size}")
   C = pool_size or config.data.get("pool_size", None)
+  if C is not None and C < 2:  # before the slate check, which would blame slate_size
+    raise ConfigError(f"config.data.pool_size={C} must be at least 2")
   if C is not None and r.slate_size > C:
     raise ConfigError(f"config.rollout.slate_size={r.slate_size} exceeds the pool size "
                       f"C={C} (config.data.pool_size)")
@@ -106,6 +111,7 @@ def validate_config(config, pool_size: int | None = None):
     raise ConfigError(f"config.optim.grad_accum={n} must divide the batch of every gradient "
                       f"step; it does not divide {', '.join(bad)}")
   _validate_lora(config.model)
+  _check_finite_settings(config)
 
 
 def config_value(config, field: str):
@@ -912,6 +918,9 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
       _write_metrics(writer, done, {f"{stage}/{k}": v for k, v in metrics.items()})
       append_jsonl(history, {"stage": stage, "step": done, **metrics})
       log(console.line(done, metrics, keys))
+    saving = ckpt.due(done, force=(done == total))
+    if saving or done % config.log_every == 0:  # never checkpoint a diverged state
+      guards.check_finite_step(stage, done, metrics, ckpt, state.params if saving else None)
     if config.eval.every and (done % config.eval.every == 0 or done == total):
       val_metrics = eval_lib.evaluate_model(policy_params(state.params, frozen), val, cfg=cfg,
                                             layout=layout, batch_size=config.eval.batch_size,
@@ -1018,12 +1027,18 @@ def run(config, workdir: str, log=print) -> dict:
   """Trains (or only evaluates) as the config says and writes workdir/eval.json.
 
   On several processes every one runs this same program; only process 0 logs and
-  writes metrics.jsonl, TensorBoard events and eval.json.
+  writes metrics.jsonl, TensorBoard events and eval.json. Process 0 holds the
+  workdir's lock (fgrpo_jax/workdir_lock.py) for the whole run.
   """
   if jax.process_index() > 0:
     log = _quiet
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  guards.check_eval_has_checkpoint(config, workdir)  # before anything is created
+  with workdir_lock.hold(workdir, log, enabled=jax.process_index() == 0):
+    return _run(config, workdir, log)
+
+
+def _run(config, workdir: str, log) -> dict:
   t_start = time.time()
   task = tasks_lib.load_task(config, workdir, log)
   validate_config(config, pool_size=task.pool_size)
@@ -1055,6 +1070,7 @@ def run(config, workdir: str, log=print) -> dict:
       f" params | devices {jax.devices()}")
   writer = _make_writer(workdir) if jax.process_index() == 0 else None
   if jax.process_index() == 0:  # what fgrpo_jax.export needs to rebuild the model
+    guards.warn_config_changes(workdir, RUN_CONFIG, config, log)
     write_json_atomic(os.path.join(workdir, RUN_CONFIG),
                       {"config": config.to_dict(), "vocab_size": task.vocab_size})
 
@@ -1124,8 +1140,10 @@ def _latest_params(workdir, params, config, log):
   if config.model.get("hf_checkpoint"):
     log(f"[eval] no checkpoint in {workdir}: evaluating the pretrained weights of "
         f"{config.model.hf_checkpoint} (zero-shot)")
-  else:
+  elif config.eval.get("allow_random", False):
     log(f"[eval] no checkpoint in {workdir}: evaluating the initial (random) parameters")
+  else:  # e.g. every checkpoint unreadable: random weights would look like a result
+    raise guards.no_checkpoint_to_evaluate(workdir)
   return params
 
 

@@ -16,7 +16,9 @@ setting gives a new key (a new directory). Preparation writes into
 `<name>-<key>.tmp-<pid>-<random>` and renames it into place only after the
 manifest is written, so an interrupted preparation never leaves a directory that
 looks prepared (a crashed run's `.tmp-*` directory is ignored and removed by the
-next preparation of the same key).
+next preparation of the same key). The manifest records the size and SHA-256 of
+every prepared file; a reuse checks them, and a directory that no longer matches
+(a truncated or edited file, a deleted one) is removed and prepared again.
 
 Example rows are encoded as the concatenated raw bytes of fixed-shape numpy
 fields (the schema in the manifest gives names, dtypes and shapes), so decoding a
@@ -39,7 +41,7 @@ import numpy as np
 
 from fgrpo_jax.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest lists every file's size and checksum
 MANIFEST = "manifest.json"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for grain
 
@@ -192,6 +194,53 @@ def _read_manifest(directory: str) -> dict | None:
     return None
 
 
+def file_digests(directory: str) -> dict[str, dict]:
+  """{relative path: {"size", "sha256"}} of every file under `directory` but the manifest."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in sorted(names):
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, directory)
+      if rel == MANIFEST:
+        continue
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+      out[rel] = {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+  return out
+
+
+def verify(directory: str, manifest: dict) -> str | None:
+  """None if every file the manifest lists is there, of its size and checksum; else
+  what is wrong with the first one that is not. Sizes are compared first (cheap)."""
+  files = manifest.get("files")
+  if not isinstance(files, dict):
+    return f"{MANIFEST} lists no file checksums"
+  for rel, want in files.items():
+    path = os.path.join(directory, rel)
+    if not os.path.isfile(path):
+      return f"{rel} is missing"
+    if os.path.getsize(path) != want["size"]:
+      return f"{rel} has {os.path.getsize(path)} bytes, the manifest says {want['size']}"
+  got = file_digests(directory)
+  for rel, want in files.items():
+    if got[rel]["sha256"] != want["sha256"]:
+      return f"{rel} does not match its checksum"
+  return None
+
+
+def _discard(final: str) -> None:
+  """Removes a corrupt prepared directory: renamed first, so no reader sees it half gone."""
+  trash = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-corrupt"
+  try:
+    os.rename(final, trash)
+  except OSError as e:
+    raise UserError(f"{final}: prepared data is corrupt and cannot be removed ({e.strerror}); "
+                    "delete this directory to prepare the data again") from None
+  shutil.rmtree(trash, ignore_errors=True)
+
+
 def _remove_stale_tmp(final: str) -> None:
   """Removes .tmp-* siblings of `final` left by dead processes on this host."""
   for tmp in glob.glob(glob.escape(final) + ".tmp-*"):
@@ -223,8 +272,12 @@ def prepare(root: str, name: str, settings: dict, sources: list[str],
   final = os.path.join(root, f"{name}-{key}")
   manifest = _read_manifest(final)
   if manifest is not None:
-    log(f"[data] {name}: reusing prepared data in {final}")
-    return Prepared(final, manifest, reused=True)
+    problem = verify(final, manifest)
+    if problem is None:
+      log(f"[data] {name}: reusing prepared data in {final}")
+      return Prepared(final, manifest, reused=True)
+    log(f"[data] {name}: prepared data in {final} is corrupt ({problem}); preparing it again")
+    _discard(final)
   os.makedirs(root, exist_ok=True)
   _remove_stale_tmp(final)
   tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -235,7 +288,7 @@ def prepare(root: str, name: str, settings: dict, sources: list[str],
     build(writer)
     manifest = {"format_version": FORMAT_VERSION, "name": name, "key": key,
                 "settings": settings, "sources": fingerprint, "splits": writer.splits,
-                "counts": writer.counts, **writer.extra,
+                "counts": writer.counts, **writer.extra, "files": file_digests(tmp),
                 "prepare_seconds": round(time.time() - t0, 2),
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(os.path.join(tmp, MANIFEST), "w") as f:

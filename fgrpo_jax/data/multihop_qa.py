@@ -42,6 +42,7 @@ import numpy as np
 from fgrpo_jax.data import cache as cache_lib
 from fgrpo_jax.data import pipeline
 from fgrpo_jax.data import text_prompts
+from fgrpo_jax.data import textio
 from fgrpo_jax.errors import UserError
 
 DATASETS = ("hotpotqa", "musique", "2wiki")
@@ -93,7 +94,7 @@ def _read_text(path: str) -> str:
   if not os.path.isfile(path):
     raise UserError(f"{path}: file not found")
   try:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with textio.open_text(path, newline=None) as f:
       return f.read()
   except OSError as e:
     raise UserError(f"{path}: cannot read ({e})") from None
@@ -150,18 +151,15 @@ def json_array_items(path: str) -> Iterator[tuple[int, int, object]]:
 
 def json_lines_items(path: str, problems) -> Iterator[tuple[int, int, object]]:
   """(index, line, element) of a JSON-lines file; a bad line goes to `problems`."""
-  if not os.path.isfile(path):
-    raise UserError(f"{path}: file not found")
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with textio.open_text(path) as f:
     index = 0
     for lineno, raw in enumerate(f, 1):
       if not raw.strip():
         continue
       try:
-        obj = json.loads(raw)
-      except json.JSONDecodeError as e:
-        trunc = " (truncated line?)" if not raw.endswith("\n") else ""
-        problems(path, lineno, f"invalid JSON: {e.msg}{trunc}")
+        obj = textio.loads_line(raw, raw.endswith("\n"))
+      except ValueError as e:
+        problems(path, lineno, str(e))
         continue
       yield index, lineno, obj
       index += 1
@@ -209,6 +207,11 @@ def _musique_example(obj, path, lineno, index, problems, counts) -> QAExample | 
     if field not in obj:
       problems(path, lineno, f"{where} (id {obj.get('id', '?')}): missing field {field!r}")
       return None
+  if not isinstance(obj["paragraphs"], list):
+    problems(path, lineno, f"{where} (id {obj.get('id', '?')}): 'paragraphs' must be a list "
+                           f"of {{title, paragraph_text, is_supporting}}, found "
+                           f"{type(obj['paragraphs']).__name__}")
+    return None
   passages, supporting = [], []
   for j, p in enumerate(obj["paragraphs"]):
     if not isinstance(p, dict) or "paragraph_text" not in p:

@@ -43,8 +43,6 @@ import array
 import csv
 import datetime
 import glob
-import gzip
-import json
 import math
 import os
 from typing import Callable
@@ -53,6 +51,7 @@ import numpy as np
 
 from fgrpo_jax.data import cache as cache_lib
 from fgrpo_jax.data import pipeline
+from fgrpo_jax.data import textio
 from fgrpo_jax.data.synthetic_recsys import RecsysDataset, RecsysExamples
 from fgrpo_jax.errors import UserError
 
@@ -102,19 +101,10 @@ class _Problems:
     self.first = self.first or text
 
 
-def _open_text(path: str, encoding: str = "utf-8", newline: str = "\n"):
-  """Text reader; only \n ends a line (a stray \r inside a field does not)."""
-  if not os.path.isfile(path):
-    raise UserError(f"{path}: file not found")
-  if path.endswith(".gz"):
-    return gzip.open(path, "rt", encoding=encoding, errors="replace", newline=newline)
-  return open(path, encoding=encoding, errors="replace", newline=newline)
-
-
 def _lines(path: str, encoding: str = "utf-8"):
   """(line number, line without newline, had_newline) of every non-empty line."""
   try:
-    with _open_text(path, encoding) as f:
+    with textio.open_text(path, encoding) as f:
       for lineno, line in enumerate(f, 1):
         had_newline = line.endswith("\n")
         line = line.rstrip("\r\n")
@@ -198,7 +188,9 @@ def _read_delimited_events(path, sep, names, get, problems, *, header=None, enco
   return events
 
 
-def _numeric_row(user_i, item_i, time_i, rating_i, problems, time_scale=1.0):
+def _numeric_row(user_i, item_i, time_i, rating_i, problems, time_scale=1.0, id_names=None):
+  """id_names: (user field, item field) of a format whose ids are integers: anything
+  else is a malformed line, not a new user or item."""
   def get(parts, path, lineno):
     ts = _number(parts[time_i], float, "timestamp", path, lineno, problems)
     if ts is None:
@@ -212,6 +204,13 @@ def _numeric_row(user_i, item_i, time_i, rating_i, problems, time_scale=1.0):
     if not u or not i:
       problems(path, lineno, "empty user or item id")
       return None
+    if id_names:
+      ids = []
+      for value, field in zip((u, i), id_names):
+        ids.append(_number(value, int, field, path, lineno, problems))
+        if ids[-1] is None:
+          return None
+      u, i = (str(x) for x in ids)
     return u, i, ts * time_scale, r
   return get
 
@@ -221,7 +220,7 @@ def _read_names(path, sep, id_i, name_i, min_fields, *, header=False, encoding="
   """{raw item id: name} from a metadata table (rows with too few fields are errors)."""
   names = {}
   if quoted:
-    with _open_text(path, encoding, newline="") as f:
+    with textio.open_text(path, encoding, newline="") as f:
       reader = csv.reader(f)
       for row in reader:
         lineno = reader.line_num
@@ -293,8 +292,9 @@ def read_movielens(path: str, problems: _Problems):
     if not os.path.isfile(os.path.join(d, r_file)):
       continue
     ratings, items = _require(d, r_file, i_file)
-    ev = _read_delimited_events(ratings, sep, fields, _numeric_row(0, 1, 3, 2, problems),
-                                problems, header=fields if is_csv else None)
+    get = _numeric_row(0, 1, 3, 2, problems, id_names=fields[:2])
+    ev = _read_delimited_events(ratings, sep, fields, get, problems,
+                                header=fields if is_csv else None)
     names = _read_names(items, i_sep, 0, 1, 2, header=is_csv, quoted=is_csv, encoding=encoding)
     if is_csv:  # ml-20m, ml-25m, ml-latest(-small): named by their folder
       folder = os.path.basename(os.path.normpath(d))
@@ -318,8 +318,8 @@ def read_lastfm(path: str, problems: _Problems):
   if os.path.isfile(os.path.join(d, HETREC_EVENTS)):
     events_path, artists = _require(d, HETREC_EVENTS, "artists.dat")
     names4 = ("userID", "artistID", "tagID", "timestamp")
-    ev = _read_delimited_events(events_path, "\t", names4, _numeric_row(0, 1, 3, None, problems),
-                                problems, header=names4)
+    get = _numeric_row(0, 1, 3, None, problems, id_names=names4[:2])
+    ev = _read_delimited_events(events_path, "\t", names4, get, problems, header=names4)
     names = _read_names(artists, "\t", 0, 1, 2, header=True)
     return "hetrec2011-lastfm-2k", ev, names, [events_path, artists]
   if os.path.isfile(os.path.join(d, LFM1K_EVENTS)):
@@ -350,10 +350,9 @@ def read_lastfm(path: str, problems: _Problems):
 def _json_lines(path: str, problems: _Problems):
   for lineno, line, nl in _lines(path):
     try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      hint = " (truncated line?)" if not nl or "Unterminated" in str(e) or "Expecting" in str(e) else ""
-      problems(path, lineno, f"invalid JSON: {e.msg}{hint}")
+      obj = textio.loads_line(line, nl)
+    except ValueError as e:
+      problems(path, lineno, str(e))
       continue
     if not isinstance(obj, dict):
       problems(path, lineno, "expected a JSON object")

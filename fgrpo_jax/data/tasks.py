@@ -233,7 +233,7 @@ def maybe_chat(task: Task, config) -> Task:
   if not os.path.isdir(directory):
     raise UserError(f"{field}={directory}: directory not found (the tokenizer of the chat "
                     "prompts)")
-  tokenizer = text_prompts.load_tokenizer(directory)
+  tokenizer = text_prompts.load_tokenizer(directory, field)
   label = "History" if task.name == "recsys" else "Question"
   candidates = "Items" if task.name == "recsys" else "Passages"
   prompts = chat_prompts.ChatPrompts.from_config(tokenizer, config, source=directory,

@@ -85,11 +85,28 @@ def build_tokenizer(texts: Iterable[str], out_dir: str, *, pool_size: int,
                                        "additional_special_tokens")}, f, indent=1)
 
 
-def load_tokenizer(directory: str):
-  """The saved tokenizer as a transformers PreTrainedTokenizerFast (local files only)."""
+# Files one of which a Hugging Face tokenizer directory holds (fast, SentencePiece, BPE,
+# WordPiece); without any, transformers fails with an error about a missing library.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(directory: str, field: str = ""):
+  """The tokenizer saved in `directory` through transformers.AutoTokenizer (local files
+  only). A directory without tokenizer files, or with files transformers cannot read,
+  is one UserError naming it (and `field`, the config field that chose it)."""
+  where = f"{field}={directory}" if field else str(directory)
+  if not any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES):
+    raise UserError(f"{where}: no tokenizer in this directory (none of "
+                    f"{', '.join(TOKENIZER_FILES)})")
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  try:
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad directory
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise UserError(f"{where}: could not load the tokenizer ({type(e).__name__}: "
+                    f"{first})") from None
 
 
 @dataclasses.dataclass

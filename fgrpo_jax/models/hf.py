@@ -262,16 +262,30 @@ def _expected_tensors(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, 
       yield ("layers", key), f"model.layers.{i}.{name}", i, transpose
 
 
+def _safe_open(path: Path):
+  """safetensors.safe_open of `path`; a file it cannot read (cut short by an interrupted
+  download, overwritten) is one UserError naming it."""
+  from safetensors import safe_open
+  try:
+    return safe_open(str(path), framework="numpy")
+  except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+    raise _corrupt(path, e) from None
+
+
+def _corrupt(path: Path, e: Exception) -> UserError:
+  detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+  return UserError(f"{path}: truncated or corrupt ({detail})")
+
+
 def _tensor_files(directory: Path) -> tuple[dict[str, Path], Path]:
   """(HF tensor name -> the safetensors file that holds it, the file that lists them)."""
-  from safetensors import safe_open
   single, index = directory / SAFETENSORS_FILE, directory / SAFETENSORS_INDEX
   if single.is_file():
-    with safe_open(str(single), framework="numpy") as f:
+    with _safe_open(single) as f:
       return {name: single for name in f.keys()}, single
   if index.is_file():
     try:
-      weight_map = json.loads(index.read_text())["weight_map"]
+      weight_map = json.loads(index.read_text(encoding="utf-8-sig"))["weight_map"]
     except (ValueError, KeyError) as e:
       raise UserError(f"{index}: not a valid safetensors index ({e})") from None
     files = {}
@@ -316,7 +330,6 @@ def load_hf_params(directory, cfg: ModelConfig, dtype="float32", shardings=None)
   for all leaves); each leaf is built on the host, placed with `jax.device_put`,
   and released before the next one is built.
   """
-  from safetensors import safe_open
   directory = Path(directory)
   files, listing = _tensor_files(directory)
   np_dtype = np.dtype(jnp.dtype(dtype))
@@ -333,7 +346,7 @@ def load_hf_params(directory, cfg: ModelConfig, dtype="float32", shardings=None)
       problems.append(f"unexpected tensor {name!r} in {path}")
 
   with contextlib.ExitStack() as stack:
-    handles = {path: stack.enter_context(safe_open(str(path), framework="numpy"))
+    handles = {path: stack.enter_context(_safe_open(path))
                for path in sorted(set(files.values()))}
     stored = {path: set(h.keys()) for path, h in handles.items()}
     for path_keys, name, layer, transpose in expected:
@@ -364,7 +377,11 @@ def load_hf_params(directory, cfg: ModelConfig, dtype="float32", shardings=None)
     for path_keys, entries in by_leaf.items():
       host = np.empty(_lookup(shapes, path_keys).shape, np_dtype)
       for name, layer, transpose in entries:
-        _read_into(host if layer is None else host[layer], handles[files[name]], name, transpose)
+        try:
+          _read_into(host if layer is None else host[layer], handles[files[name]], name,
+                     transpose)
+        except Exception as e:  # noqa: BLE001 - a header that promises more than the file has
+          raise _corrupt(files[name], e) from None
       if shardings is None:
         value = jax.device_put(host)
       elif isinstance(shardings, jax.sharding.Sharding):
@@ -403,6 +420,18 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.
         f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
     if f.tell() != 8 + len(blob) + offset:
       raise RuntimeError(f"internal error writing {path}: wrong byte count")
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+  """Renames the complete directory `staged` onto `target` (a sibling); an existing
+  target is moved aside first and deleted last, so readers never see a half one."""
+  old = None
+  if target.exists():
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rename(target, old / target.name)
+  os.rename(staged, target)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_hf_checkpoint(params: Params, cfg: ModelConfig, directory, tokenizer=None,
@@ -457,13 +486,7 @@ def save_hf_checkpoint(params: Params, cfg: ModelConfig, directory, tokenizer=No
     _write_safetensors(tmp / SAFETENSORS_FILE, tensors, {"format": "pt"})
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
-    old = None
-    if directory.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-      os.rename(directory, old / directory.name)
-    os.rename(tmp, directory)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -501,7 +524,7 @@ def read_hf_config(path) -> tuple[dict, Path]:
   if not config_path.is_file():
     raise UserError(f"{config_path}: not found")
   try:
-    return json.loads(config_path.read_text()), config_path
+    return json.loads(config_path.read_text(encoding="utf-8-sig")), config_path
   except ValueError as e:
     raise UserError(f"{config_path}: invalid JSON ({e})") from None
 
@@ -514,10 +537,6 @@ def load_pretrained(path, dtype="float32", shardings=None) -> PretrainedModel:
   hf, config_path = read_hf_config(path)
   cfg = config_from_hf(hf, dtype=dtype, source=str(config_path))
   params = load_hf_params(path, cfg, dtype=dtype, shardings=shardings)
-  from transformers import AutoTokenizer
-  try:
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-  except Exception as e:  # transformers raises many types for a bad tokenizer dir
-    raise UserError(f"{path}: could not load the tokenizer "
-                    f"({type(e).__name__}: {e})") from None
+  from fgrpo_jax.data import text_prompts  # light; imports nothing of ours back
+  tokenizer = text_prompts.load_tokenizer(str(path))
   return PretrainedModel(tokenizer=tokenizer, config=cfg, params=params, path=Path(path))
