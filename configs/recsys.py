@@ -94,10 +94,8 @@ def get_config(arg=None):
   c.reward.gain = "exp"  # NDCG gain for graded relevance: exp (2^rel-1) | linear
   c.reward.lam = 1.0  # lambda: weight of the rank phase (F-GRPO) / of R_rank (GRPO)
   c.reward.advantage = "mean"  # group advantage: mean (Dr. GRPO) | std | rloo
-  # R_rank's ideal: pool (NDCG against every relevant pool item: a slate miss zeroes the
-  # ranking too) | slate (against the relevant items of the rollout's own slate; rollouts
-  # whose slate holds none leave the factorised rank loss)
-  c.reward.rank_ideal = "pool"
+  # slate: the factorised rank loss leaves out rollouts whose slate holds nothing relevant
+  c.reward.rank_ideal = "pool"  # R_rank judged against the relevant items of: pool | slate
   c.reward.format_penalty = 1.0  # free decoding: subtracted from R_gen / R_rank if that part is malformed
 
   c.prompt = ml_collections.ConfigDict()
@@ -123,9 +121,8 @@ def get_config(arg=None):
   c.rl.eps_low = 0.2  # lower clip range of the ratio
   c.rl.eps_high = 0.28  # upper clip range of the ratio (clip-higher)
   c.rl.ratio = "token"  # importance ratio: token | phase (exp of mean log-ratio per phase)
-  # loss normalisation, the same for every algorithm: phase (mean over slate tokens +
-  # lambda * mean over rank tokens) | joint (one mean over all choice tokens, rank x lambda)
-  c.rl.loss_norm = "phase"
+  # phase: mean(slate tokens) + lam * mean(rank tokens); joint: one mean, rank tokens x lam
+  c.rl.loss_norm = "phase"  # loss normalisation, the same for every algorithm: phase | joint
   c.rl.kl_coef = 0.0  # beta of the KL penalty to the frozen SFT policy (LoRA: the base; 0 = off)
   c.rl.kl_estimator = "k3"  # k1 | k3
 
