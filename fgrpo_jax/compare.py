@@ -112,6 +112,65 @@ def markdown_table(agg: dict, order: list[str], seeds: int, keys=TABLE_KEYS) -> 
   return "\n".join(lines)
 
 
+PAIRED_KEYS = ("hit@1", "ndcg@5")
+WARM = "sft warm start"
+
+
+def paired_difference(a, b, resamples: int = 2000, seed: int = 0) -> dict:
+  """Mean of a - b over the same examples, with a 95% bootstrap interval.
+
+  a, b: per-seed lists of per-example values [N_s] (paired: example i of a and of b
+  is the same test example). The statistic is the mean over seeds of the per-seed
+  mean difference; each bootstrap draw resamples the examples of every seed with
+  replacement (the seeds' warm starts and test examples are fixed, so the interval
+  is over test examples, as the comparison's claim is about them).
+  """
+  rng = np.random.default_rng(seed)
+  diffs = [np.asarray(x, np.float64) - np.asarray(y, np.float64) for x, y in zip(a, b)]
+  per_seed = [float(d.mean()) for d in diffs]
+  draws = np.zeros(resamples)
+  for d in diffs:
+    draws += d[rng.integers(0, d.size, (resamples, d.size))].mean(-1)
+  draws /= len(diffs)
+  lo, hi = np.percentile(draws, [2.5, 97.5])
+  return {"mean": float(np.mean(per_seed)), "lo": float(lo), "hi": float(hi),
+          "per_seed": per_seed}
+
+
+def planned_pairs(names: list[str]) -> list[tuple[str, str]]:
+  """(a, b) pairs of the paired table: every run against the warm start, and F-GRPO
+  against every other run."""
+  pairs = [(n, WARM) for n in names]
+  if "fgrpo" in names:
+    pairs += [("fgrpo", n) for n in names if n != "fgrpo"]
+  return pairs
+
+
+def paired_table(paired: dict) -> str:
+  lines = ["| a − b | " + " | ".join(f"{k}: mean [95% CI] (per seed)" for k in PAIRED_KEYS)
+           + " |", "|---|" + "---|" * len(PAIRED_KEYS)]
+  for pair, by_key in paired.items():
+    cells = []
+    for k in PAIRED_KEYS:
+      d = by_key[k]
+      seeds = ", ".join(f"{v:+.3f}" for v in d["per_seed"])
+      cells.append(f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] ({seeds})")
+    lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+  lines.append("")
+  lines.append("Paired over the same test examples of each seed; 95% bootstrap interval over "
+               "test examples (2,000 resamples) of the mean over seeds.")
+  return "\n".join(lines)
+
+
+def _load_examples(workdir: str):
+  from fgrpo_jax import train
+  path = os.path.join(workdir, train.EVAL_EXAMPLES)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as z:
+    return {k: z[k] for k in PAIRED_KEYS if k in z}
+
+
 def final_validation(history: list[dict]) -> dict:
   """The last validation metrics of a run's history, keyed val_<metric>."""
   rows = [r for r in history if "val_hit@1" in r]
@@ -176,6 +235,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
     train.validate_config(trial)
   per_seed: dict[str, list[dict]] = {}
   histories: dict[str, list[list[dict]]] = {}
+  examples: dict[str, list[dict]] = {}  # run -> per seed -> {metric: [N]}
   order = [n for n, _ in runs]
   t0 = time.time()
   for seed in range(config.compare.seeds):
@@ -199,11 +259,13 @@ def run_compare(config, workdir: str, log=print) -> dict:
       per_seed.setdefault(name, []).append({**result["metrics"], **final_validation(history),
                                             "wall_time_s": result["wall_time_s"]})
       histories.setdefault(name, []).append(history)
+      examples.setdefault(name, []).append(_load_examples(run_dir))
     # References on the same test examples (they need no training but the pointwise one).
     with open(os.path.join(warm, "eval.json")) as f:
       warm_result = json.load(f)
-    per_seed.setdefault("sft warm start", []).append(
+    per_seed.setdefault(WARM, []).append(
         {**warm_result["metrics"], **final_validation(read_history(warm))})
+    examples.setdefault(WARM, []).append(_load_examples(warm))
     if warm_result["oracle"]:
       per_seed.setdefault("oracle", []).append(warm_result["oracle"])
     for ref, metrics in warm_result["references"].items():
@@ -221,16 +283,23 @@ def run_compare(config, workdir: str, log=print) -> dict:
                                    base.seed, base.reward.gain)
       m["wall_time_s"] = time.time() - t_pw
       per_seed.setdefault("pointwise (SASRec-like)", []).append(m)
-  order += ["sft warm start", "pointwise (SASRec-like)", "oracle", "popularity", "random", "bm25"]
+  order += [WARM, "pointwise (SASRec-like)", "oracle", "popularity", "random", "bm25"]
   agg = _aggregate(per_seed)
+  paired = {}
+  for a, b in planned_pairs([n for n, _ in runs]):
+    ea, eb = examples.get(a, []), examples.get(b, [])
+    if ea and eb and all(x is not None for x in ea + eb):
+      paired[f"{a} − {b}"] = {k: paired_difference([x[k] for x in ea], [y[k] for y in eb])
+                              for k in PAIRED_KEYS}
   result = {"config_variant": config.get("variant", ""), "seeds": config.compare.seeds,
-            "runs": agg, "order": [n for n in order if n in agg],
+            "runs": agg, "order": [n for n in order if n in agg], "paired": paired,
             "wall_time_s": round(time.time() - t0, 1)}
   train.write_json_atomic(os.path.join(workdir, "compare.json"), result)
   table = markdown_table(agg, order, config.compare.seeds)
   val_table = markdown_table(agg, order, config.compare.seeds, keys=VAL_KEYS)
   with open(os.path.join(workdir, "compare.md.tmp"), "w") as f:
-    f.write(table + "\n\nValidation (the split settings are chosen on):\n\n" + val_table + "\n")
+    f.write(table + "\n\nPaired differences on the test examples:\n\n" + paired_table(paired)
+            + "\n\nValidation (the split settings are chosen on):\n\n" + val_table + "\n")
   os.replace(os.path.join(workdir, "compare.md.tmp"), os.path.join(workdir, "compare.md"))
   plot_curves(histories, os.path.join(workdir, "curves.png"))
   log(table)

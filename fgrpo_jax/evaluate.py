@@ -129,11 +129,13 @@ def greedy_outputs(params, arrays, *, cfg, layout, batch_size: int, mesh=None,
 
 
 def evaluate_model(params, arrays, *, cfg, layout, batch_size: int, gain: str = "exp",
-                   mesh=None):
+                   mesh=None, per_example: bool = False):
   """Mean metrics of the model's greedy rollouts on a split's arrays.
 
   With a mesh the rollouts are sharded over it and gathered (see greedy_outputs),
   so on several hosts every process returns the same global metrics.
+  per_example: also return the per-example metrics ({name: f32 [N]}) — for paired
+  comparisons of two policies on the same examples (fgrpo_jax.compare).
   """
   slate, ranking, _, valid = greedy_outputs(params, arrays, cfg=cfg, layout=layout,
                                             batch_size=batch_size, mesh=mesh,
@@ -141,5 +143,6 @@ def evaluate_model(params, arrays, *, cfg, layout, batch_size: int, gain: str = 
   per_example = ranking_metrics(slate, ranking, arrays["relevance"], arrays["pool_mask"],
                                 gain=gain)
   # Free decoding: missing tags or stray tokens also make a rollout malformed.
-  per_example["format_valid"] = per_example["format_valid"] * valid
-  return mean_metrics(per_example)
+  rows = {k: np.asarray(v) for k, v in per_example.items()}
+  rows["format_valid"] = rows["format_valid"] * valid
+  return (mean_metrics(rows), rows) if per_example else mean_metrics(rows)

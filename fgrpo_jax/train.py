@@ -982,6 +982,16 @@ def reference_metrics(task, arrays, config) -> tuple[dict | None, dict]:
   return oracle, refs
 
 
+EVAL_EXAMPLES = "eval_examples.npz"  # per-example test metrics of the final evaluation
+
+
+def write_npz_atomic(path: str, arrays: dict) -> None:
+  """np.savez through a temporary file and a rename."""
+  tmp = f"{path}.tmp.{os.getpid()}.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
 def write_json_atomic(path: str, obj) -> None:
   """Writes JSON through a temporary file and a rename: never a half file."""
   tmp = f"{path}.tmp.{os.getpid()}"
@@ -1092,9 +1102,9 @@ def _run(config, workdir: str, log) -> dict:
   params = policy_params(params, frozen)
 
   test = _subset(task.splits["test"], config.eval.test_examples, config.seed + 1)
-  metrics = eval_lib.evaluate_model(params, test, cfg=cfg, layout=layout,
-                                    batch_size=config.eval.batch_size, gain=config.reward.gain,
-                                    mesh=mesh)
+  metrics, rows = eval_lib.evaluate_model(params, test, cfg=cfg, layout=layout,
+                                          batch_size=config.eval.batch_size,
+                                          gain=config.reward.gain, mesh=mesh, per_example=True)
   oracle, refs = reference_metrics(task, test, config)
   steps = (0 if config.sft.init_from else config.sft.steps) + config.rl.steps
   result = {"algorithm": config.algorithm, "task": task.name, "dataset": task.dataset,
@@ -1103,6 +1113,9 @@ def _run(config, workdir: str, log) -> dict:
             "num_examples": int(test["prompt"].shape[0]),
             "wall_time_s": round(time.time() - t_start, 1)}
   if jax.process_index() == 0:
+    # Per-example test metrics, in the order of the test subset (the same examples
+    # for every run of a seed): fgrpo_jax.compare pairs runs on them.
+    write_npz_atomic(os.path.join(workdir, EVAL_EXAMPLES), rows)
     write_json_atomic(os.path.join(workdir, "eval.json"), result)
     if writer is not None:
       _write_metrics(writer, steps, {f"test/{k}": v for k, v in metrics.items()})

@@ -39,6 +39,16 @@ def test_compare_writes_every_algorithm_and_metric(tmp_path):
       assert entry["mean"] == entry["values"][0]
   table = (tmp_path / "compare.md").read_text()
   assert all(f"| {a} |" in table for a in ALGORITHMS)
+  # Paired differences on the same test examples, and the validation table.
+  for pair in ["fgrpo − sft warm start", "fgrpo − grpo", "grpo − sft warm start"]:
+    d = saved["paired"][pair]["hit@1"]
+    assert d["lo"] <= d["mean"] <= d["hi"] and len(d["per_seed"]) == 1
+    assert f"| {pair} |" in table
+  a = np.load(tmp_path / "seed_0" / "fgrpo" / train.EVAL_EXAMPLES)["hit@1"]
+  b = np.load(tmp_path / "seed_0" / "grpo" / train.EVAL_EXAMPLES)["hit@1"]
+  assert abs(saved["paired"]["fgrpo − grpo"]["hit@1"]["mean"] - (a.mean() - b.mean())) < 1e-9
+  assert runs["fgrpo"]["hit@1"]["mean"] == a.mean()
+  assert "val_hit@1" in runs["fgrpo"] and "val_hit@1" in runs["sft warm start"]
   assert (tmp_path / "curves.png").stat().st_size > 10_000
   # Every algorithm started from the same warm start of its seed.
   for seed in range(1):
@@ -87,3 +97,23 @@ def test_decoupled_ranker_sees_only_the_selector_slate():
   forced = rollout.sample(rnk, batch, jax.random.key(0), cfg=cfg, layout=layout, group_size=1,
                           greedy=True, given_slate=alone_sel.slate[:, 0])
   np.testing.assert_array_equal(pair.ranking, forced.ranking)
+
+
+def test_paired_difference_against_normal_approximation():
+  rng = np.random.default_rng(0)
+  same = [rng.random(500) < 0.4]
+  d = compare.paired_difference(same, same)
+  assert d["mean"] == d["lo"] == d["hi"] == 0.0
+  # A constant shift is recovered exactly, with no spread.
+  d = compare.paired_difference([np.full(300, 0.7)], [np.full(300, 0.2)])
+  assert abs(d["mean"] - 0.5) < 1e-12 and abs(d["hi"] - d["lo"]) < 1e-12
+  # Two seeds of noisy paired hits: the interval matches mean +- 1.96 standard errors.
+  a = [(rng.random(2000) < 0.45).astype(float) for _ in range(2)]
+  b = [np.where(rng.random(2000) < 0.8, x, 1 - x) for x in a]
+  d = compare.paired_difference(a, b, resamples=4000)
+  diffs = [x - y for x, y in zip(a, b)]
+  mean = np.mean([x.mean() for x in diffs])
+  se = np.sqrt(sum(x.var() / x.size for x in diffs)) / 2
+  assert abs(d["mean"] - mean) < 1e-12
+  assert abs((d["hi"] - d["lo"]) - 2 * 1.96 * se) < 0.2 * 2 * 1.96 * se
+  assert d["per_seed"] == [x.mean() for x in diffs]
