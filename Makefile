@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 WORKDIR ?= runs/recsys_default
 CONFIG ?= configs/recsys.py
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ demo: install
 	$(BIN)/python -m fgrpo_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+
+# The unit tests only (no training runs): the edit-test loop.
+test-fast: install
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=10 tests
 
 bench: install
 	$(BIN)/python benchmarks/rewards.py

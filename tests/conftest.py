@@ -47,3 +47,30 @@ def tiny_hf_checkpoint(tmp_path_factory):
     return made[vocab_size, tokenizer]
 
   return make
+
+
+# End-to-end tests (a training run, a subprocess, a notebook, a compiled multi-device
+# step): marked `slow`. `make test` runs everything; `make test-fast` (-m "not slow")
+# runs the unit tests of rewards, objectives, parse, rollout, models, data readers on
+# fixtures and config validation, for the edit-test loop.
+SLOW_MODULES = {"test_compare", "test_distributed", "test_llm_configs", "test_notebook",
+                "test_sharding", "test_rl_learning", "test_launch"}
+SLOW_TESTS = {
+    "test_train": ("tiny_run", "sigkill", "bfloat16", "grad_accumulation", "bad_config"),
+    "test_lora": ("lora_run", "train_step", "round_trips", "resume", "kl_reference",
+                  "trains_and_writes"),
+    "test_tasks": ("chat_run",),
+    "test_data_recsys_real": ("grain_loader", "one_training_step", "from_main"),
+    "test_pretrained": ("zero_shot",),
+    "test_chat_prompts": ("rl_step", "train", "run"),
+    "test_bad_inputs": ("finished_run", "export", "resume", "lock", "nan", "cli"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    module = item.module.__name__.rsplit(".", 1)[-1]
+    fixtures = " ".join(getattr(item, "fixturenames", ()))
+    words = SLOW_TESTS.get(module, ())
+    if module in SLOW_MODULES or any(w in item.name or w in fixtures for w in words):
+      item.add_marker(pytest.mark.slow)
