@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -61,6 +62,13 @@ def algorithm_lrs(config) -> dict[str, float]:
                               f"algorithm=rate pairs separated by commas with algorithms "
                               f"among {', '.join(train.ALGORITHMS)}, got {part!r}")
   return out
+
+
+def run_dirname(name: str) -> str:
+  """A run's directory name: its table name with every character outside [A-Za-z0-9._=-]
+  replaced ("fgrpo[lr=0.001]" -> "fgrpo_lr=0.001"). Brackets are glob patterns to the
+  checkpoint library, which then fails to find (and finalize) the run's own files."""
+  return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
 
 
 def planned_runs(config) -> list[tuple[str, dict]]:
@@ -252,7 +260,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
       for f, v in fields.items():
         _set_field(cfg, f, v)
       cfg.sft.init_from = warm
-      run_dir = os.path.join(seed_dir, name.replace("/", "_"))
+      run_dir = os.path.join(seed_dir, run_dirname(name))
       log(f"== seed {seed}: {name}")
       result = train.run(cfg, run_dir, log=log)
       history = read_history(run_dir)
