@@ -156,6 +156,7 @@ def get_config(arg=None):
 
   c.compare = ml_collections.ConfigDict()
   c.compare.seeds = 3  # seeds per run in fgrpo_jax.compare
+  c.compare.first_seed = 0  # seeds first_seed .. first_seed + seeds - 1 (parallel processes)
   c.compare.algorithms = "fgrpo,grpo,decoupled,decoupled_sft,sft"  # runs of the table
   c.compare.pointwise = True  # also train the SASRec-like pointwise reference
   c.compare.sweep_field = ""  # ablation: dotted config field to sweep ("" = algorithms)

@@ -73,7 +73,12 @@ def test_sweep_run_directories_are_plain_names(tmp_path):
   assert compare.run_dirname("decoupled/x y") == "decoupled_x_y"
   c = _tiny(**{"compare__sweep_field": "reward.lam", "compare__sweep_values": (0.5,),
                "compare__pointwise": False, "sft__steps": 2, "rl__steps": 2})
-  compare.run_compare(c, str(tmp_path), log=lambda *_: None)
+  first = compare.run_compare(c, str(tmp_path), log=lambda *_: None)
+  # A second call finds every run finished with the same config and reuses it.
+  lines = []
+  again = compare.run_compare(c, str(tmp_path), log=lines.append)
+  assert sum("reusing its eval.json" in l for l in lines) == 2  # warm start + the run
+  assert again["runs"] == first["runs"]
   run = tmp_path / "seed_0" / "fgrpo_lam=0.5"
   assert sorted(os.listdir(tmp_path / "seed_0")) == ["fgrpo_lam=0.5", "warm_start"]
   params = os.listdir(run / "ckpt" / "rl" / "2" / "params")
