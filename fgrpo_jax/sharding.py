@@ -35,7 +35,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fgrpo_jax.errors import UserError
-from fgrpo_jax.models import llama
+from fgrpo_jax.models import llama, qwen3_5
+from fgrpo_jax.models.decoders import decoder
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the leading batch dimension is split over these
@@ -51,6 +52,14 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
     (r"layers/(q|k|v|gate|up)_proj", P(None, "fsdp", "tensor")),
     (r"layers/(o|down)_proj", P(None, "tensor", "fsdp")),
     (r"layers/(q|k|v)_bias", P(None, "tensor")),
+    # Qwen3.5 (models/qwen3_5.py): attention layers like the above; the DeltaNet's input
+    # projections split their output channels (heads) over tensor, its depthwise conv the
+    # same channels, its output projection its input side (a Megatron pair again).
+    (r"attn/(q|k|v)_proj", P(None, "fsdp", "tensor")),
+    (r"attn/o_proj", P(None, "tensor", "fsdp")),
+    (r"linear/in_proj_(qkv|z|a|b)", P(None, "fsdp", "tensor")),
+    (r"linear/conv", P(None, None, "tensor")),
+    (r"linear/out_proj", P(None, "tensor", "fsdp")),
     # LoRA adapters (models/lora.py): lora_a [L, in, r], lora_b [L, r, out] split like
     # the kernel's in / out sides, so lora_a @ lora_b lands in the kernel's layout.
     (r"layers/(q|k|v|gate|up)_proj/lora_a", P(None, "fsdp")),
@@ -285,7 +294,7 @@ def _cache_spec(ndim: int, batch_dim: int, heads_dim: int) -> P:
 
 
 def cache_shardings(cache, mesh):
-  """Shardings of a llama.PrefixCache or llama.DecodeCache (arrays or shapes).
+  """Shardings of a PrefixCache or DecodeCache of llama or qwen3_5 (arrays or shapes).
 
   Batch over ("data", "fsdp"), kv heads over "tensor" when divisible; returns the
   same NamedTuple type holding NamedShardings.
@@ -303,6 +312,20 @@ def cache_shardings(cache, mesh):
   if isinstance(cache, llama.DecodeCache):  # k/v [L, B, G, S, K, D]
     kv = _cache_spec(6, 1, 4)
     return llama.DecodeCache(k=put("decode/k", cache.k, kv), v=put("decode/v", cache.v, kv))
+  if isinstance(cache, qwen3_5.PrefixCache):  # + conv [La, B, Kc-1, Cd], state [La, B, Hv, ..]
+    kv = _cache_spec(5, 1, 3)
+    return qwen3_5.PrefixCache(
+        k=put("prefix/k", cache.k, kv), v=put("prefix/v", cache.v, kv),
+        mask=put("prefix/mask", cache.mask, P(BATCH_AXES)),
+        length=put("prefix/length", cache.length, P(BATCH_AXES)),
+        conv=put("prefix/conv", cache.conv, _cache_spec(4, 1, 3)),
+        state=put("prefix/state", cache.state, _cache_spec(5, 1, 2)))
+  if isinstance(cache, qwen3_5.DecodeCache):  # conv [La, B, G, Kc-1, Cd], state [La, B, G, Hv, ..]
+    kv = _cache_spec(6, 1, 4)
+    return qwen3_5.DecodeCache(
+        k=put("decode/k", cache.k, kv), v=put("decode/v", cache.v, kv),
+        conv=put("decode/conv", cache.conv, _cache_spec(5, 1, 4)),
+        state=put("decode/state", cache.state, _cache_spec(6, 1, 3)))
   raise TypeError(f"cache_shardings expects a PrefixCache or DecodeCache, got {type(cache)}")
 
 
@@ -361,8 +384,8 @@ def init_sharded_params(cfg: llama.ModelConfig, key, mesh, rules=DEFAULT_RULES):
 def _init_fn(cfg: llama.ModelConfig, mesh, rules):
   """One jitted init per (config, mesh, rules): a fresh lambda per call would compile the
   init again on every run in the same process (a comparison, the tests)."""
-  shardings = param_shardings(llama.param_shapes(cfg), mesh, rules)
-  return jax.jit(functools.partial(llama.init_params, cfg), out_shardings=shardings)
+  shardings = param_shardings(decoder(cfg).param_shapes(cfg), mesh, rules)
+  return jax.jit(functools.partial(decoder(cfg).init_params, cfg), out_shardings=shardings)
 
 
 def init_opt_state(optimizer, params, mesh, rules=DEFAULT_RULES):
