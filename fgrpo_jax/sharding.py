@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fgrpo_jax.errors import UserError
-from fgrpo_jax.models import llama, qwen3_5
+from fgrpo_jax.models import llama
 from fgrpo_jax.models.decoders import decoder
 
 AXES = ("data", "fsdp", "tensor")
@@ -294,7 +294,7 @@ def _cache_spec(ndim: int, batch_dim: int, heads_dim: int) -> P:
 
 
 def cache_shardings(cache, mesh):
-  """Shardings of a PrefixCache or DecodeCache of llama or qwen3_5 (arrays or shapes).
+  """Shardings of a llama.PrefixCache or llama.DecodeCache (arrays or shapes).
 
   Batch over ("data", "fsdp"), kv heads over "tensor" when divisible; returns the
   same NamedTuple type holding NamedShardings.
@@ -312,20 +312,6 @@ def cache_shardings(cache, mesh):
   if isinstance(cache, llama.DecodeCache):  # k/v [L, B, G, S, K, D]
     kv = _cache_spec(6, 1, 4)
     return llama.DecodeCache(k=put("decode/k", cache.k, kv), v=put("decode/v", cache.v, kv))
-  if isinstance(cache, qwen3_5.PrefixCache):  # + conv [La, B, Kc-1, Cd], state [La, B, Hv, ..]
-    kv = _cache_spec(5, 1, 3)
-    return qwen3_5.PrefixCache(
-        k=put("prefix/k", cache.k, kv), v=put("prefix/v", cache.v, kv),
-        mask=put("prefix/mask", cache.mask, P(BATCH_AXES)),
-        length=put("prefix/length", cache.length, P(BATCH_AXES)),
-        conv=put("prefix/conv", cache.conv, _cache_spec(4, 1, 3)),
-        state=put("prefix/state", cache.state, _cache_spec(5, 1, 2)))
-  if isinstance(cache, qwen3_5.DecodeCache):  # conv [La, B, G, Kc-1, Cd], state [La, B, G, Hv, ..]
-    kv = _cache_spec(6, 1, 4)
-    return qwen3_5.DecodeCache(
-        k=put("decode/k", cache.k, kv), v=put("decode/v", cache.v, kv),
-        conv=put("decode/conv", cache.conv, _cache_spec(5, 1, 4)),
-        state=put("decode/state", cache.state, _cache_spec(6, 1, 3)))
   raise TypeError(f"cache_shardings expects a PrefixCache or DecodeCache, got {type(cache)}")
 
 

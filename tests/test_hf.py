@@ -307,3 +307,32 @@ def test_export_replaces_existing_checkpoint_and_casts(tmp_path):
   np.testing.assert_array_equal(
       np.asarray(params["embed"]),
       np.asarray(m.params["embed"]).astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_qwen3_5_multimodal_checkpoint_loads_its_text_decoder(tmp_path, capsys):
+  """The multimodal layout (text under model.language_model., config under text_config)
+  loads the same weights; the vision tower and the MTP head are skipped with one line.
+  MoE fails with one line naming model_type."""
+  src = GOLDEN / "qwen3_5"
+  d = tmp_path / "mm"
+  shutil.copytree(src, d)
+  tensors = load_file(d / hf.SAFETENSORS_FILE)
+  renamed = {(k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k): v
+             for k, v in tensors.items()}
+  renamed["model.visual.patch_embed.proj.weight"] = np.zeros((4, 3), np.float32)
+  renamed["mtp.fc.weight"] = np.zeros((2, 2), np.float32)
+  save_file(renamed, d / hf.SAFETENSORS_FILE, metadata={"format": "pt"})
+  text = json.loads((src / "config.json").read_text())
+  (d / "config.json").write_text(json.dumps({
+      "architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
+      "tie_word_embeddings": False, "text_config": {**text, "model_type": "qwen3_5_text"},
+      "vision_config": {"depth": 1}}))
+  m = load_pretrained(d)
+  assert "skipping 2 tensors of model.visual.*, mtp.*" in capsys.readouterr().out
+  assert m.config == _model("qwen3_5").config
+  for a, b in zip(jax.tree.leaves(m.params), jax.tree.leaves(_model("qwen3_5").params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  (d / "config.json").write_text(json.dumps({**text, "model_type": "qwen3_5_moe",
+                                             "architectures": ["Qwen3_5MoeForCausalLM"]}))
+  with pytest.raises(UserError, match="model_type='qwen3_5_moe': mixture-of-experts"):
+    load_pretrained(d)
