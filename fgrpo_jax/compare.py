@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -61,6 +62,30 @@ def algorithm_lrs(config) -> dict[str, float]:
                               f"algorithm=rate pairs separated by commas with algorithms "
                               f"among {', '.join(train.ALGORITHMS)}, got {part!r}")
   return out
+
+
+def finished_run(config, workdir: str, log) -> dict | None:
+  """The eval.json of a run already finished in workdir with exactly this config (so a
+  comparison can be resumed, or its seeds run as parallel processes and then gathered
+  by one more call), else None: the run is (re)started."""
+  from fgrpo_jax import train
+  paths = [os.path.join(workdir, f) for f in ("eval.json", train.RUN_CONFIG, train.EVAL_EXAMPLES)]
+  if not all(os.path.exists(p) for p in paths):
+    return None
+  with open(paths[1]) as f:
+    if json.load(f).get("config") != json.loads(json.dumps(config.to_dict())):
+      return None
+  with open(paths[0]) as f:
+    result = json.load(f)
+  log(f"[compare] {workdir}: finished with this config, reusing its eval.json")
+  return result
+
+
+def run_dirname(name: str) -> str:
+  """A run's directory name: its table name with every character outside [A-Za-z0-9._=-]
+  replaced ("fgrpo[lr=0.001]" -> "fgrpo_lr=0.001"). Brackets are glob patterns to the
+  checkpoint library, which then fails to find (and finalize) the run's own files."""
+  return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
 
 
 def planned_runs(config) -> list[tuple[str, dict]]:
@@ -238,7 +263,8 @@ def run_compare(config, workdir: str, log=print) -> dict:
   examples: dict[str, list[dict]] = {}  # run -> per seed -> {metric: [N]}
   order = [n for n, _ in runs]
   t0 = time.time()
-  for seed in range(config.compare.seeds):
+  first = config.compare.get("first_seed", 0)
+  for seed in range(first, first + config.compare.seeds):
     seed_dir = os.path.join(workdir, f"seed_{seed}")
     warm = os.path.join(seed_dir, "warm_start")
     base = copy.deepcopy(config)
@@ -246,15 +272,15 @@ def run_compare(config, workdir: str, log=print) -> dict:
     warm_cfg = copy.deepcopy(base)
     warm_cfg.rl.steps = 0
     log(f"== seed {seed}: SFT warm start")
-    train.run(warm_cfg, warm, log=log)
+    finished_run(warm_cfg, warm, log) or train.run(warm_cfg, warm, log=log)
     for name, fields in runs:
       cfg = copy.deepcopy(base)
       for f, v in fields.items():
         _set_field(cfg, f, v)
       cfg.sft.init_from = warm
-      run_dir = os.path.join(seed_dir, name.replace("/", "_"))
+      run_dir = os.path.join(seed_dir, run_dirname(name))
       log(f"== seed {seed}: {name}")
-      result = train.run(cfg, run_dir, log=log)
+      result = finished_run(cfg, run_dir, log) or train.run(cfg, run_dir, log=log)
       history = read_history(run_dir)
       per_seed.setdefault(name, []).append({**result["metrics"], **final_validation(history),
                                             "wall_time_s": result["wall_time_s"]})

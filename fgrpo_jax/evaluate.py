@@ -140,9 +140,8 @@ def evaluate_model(params, arrays, *, cfg, layout, batch_size: int, gain: str = 
   slate, ranking, _, valid = greedy_outputs(params, arrays, cfg=cfg, layout=layout,
                                             batch_size=batch_size, mesh=mesh,
                                             with_validity=True)
-  per_example = ranking_metrics(slate, ranking, arrays["relevance"], arrays["pool_mask"],
-                                gain=gain)
+  metrics = ranking_metrics(slate, ranking, arrays["relevance"], arrays["pool_mask"], gain=gain)
   # Free decoding: missing tags or stray tokens also make a rollout malformed.
-  rows = {k: np.asarray(v) for k, v in per_example.items()}
+  rows = {k: np.asarray(v) for k, v in metrics.items()}
   rows["format_valid"] = rows["format_valid"] * valid
   return (mean_metrics(rows), rows) if per_example else mean_metrics(rows)

@@ -894,47 +894,51 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
   history = os.path.join(workdir, "metrics.jsonl")
   gen_tokens = batch_size * config.rollout.group_size * layout.length
   t_last, step_last = time.time(), start
-  for step in range(start, total):
-    if stream is None:
-      idx = batch_indices(config.seed, stage_id, step, n_train, batch_size)
-      rows = host_batch(train, idx[sharding.process_batch_slice(batch_size)])
-    else:  # this host's rows, read from its shard of the array_record files
-      rows = {k: v for k, v in next(stream).items() if k in MODEL_KEYS}
-    batch = sharding.shard_batch(rows, mesh)
-    done = step + 1
-    log_now = done % config.log_every == 0 or done == total
-    extra = {"diagnose": jnp.asarray(log_now)} if takes_ref else {}
-    state, metrics = step_fn(state, *ref_args, batch, jax.random.fold_in(base_key, step),
-                             frozen=frozen, **extra, **static)
-    if log_now:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      # The schedule's rate for the next update, and the updates applied so far.
-      metrics["opt_updates"] = optimizer_updates(state.opt_state)
-      metrics["lr"] = float(schedule(metrics["opt_updates"]))
-      now = time.time()
-      metrics["steps_per_s"] = (done - step_last) / max(now - t_last, 1e-9)
-      if stage == "rl":
-        metrics["gen_tokens_per_s"] = metrics["steps_per_s"] * gen_tokens
-      t_last, step_last = now, done
-      _write_metrics(writer, done, {f"{stage}/{k}": v for k, v in metrics.items()})
-      append_jsonl(history, {"stage": stage, "step": done, **metrics})
-      log(console.line(done, metrics, keys))
-    saving = ckpt.due(done, force=(done == total))
-    if saving or done % config.log_every == 0:  # never checkpoint a diverged state
-      guards.check_finite_step(stage, done, metrics, ckpt, state.params if saving else None)
-    if config.eval.every and (done % config.eval.every == 0 or done == total):
-      val_metrics = eval_lib.evaluate_model(policy_params(state.params, frozen), val, cfg=cfg,
-                                            layout=layout, batch_size=config.eval.batch_size,
-                                            gain=config.reward.gain, mesh=mesh)
-      _write_metrics(writer, done, {f"{stage}/val_{k}": v for k, v in val_metrics.items()})
-      append_jsonl(history, {"stage": stage, "step": done,
-                             **{f"val_{k}": v for k, v in val_metrics.items()}})
-      log(f"[{stage}] step {done}/{total} | validation hit@1 {val_metrics['hit@1']:.4f} "
-          f"ndcg@5 {val_metrics['ndcg@5']:.4f} slate_recall {val_metrics['slate_recall']:.4f}")
-    saved = ckpt.save(done, state.params, state.opt_state, force=(done == total))
-    if saved and stream is not None:
-      _save_stream_state(workdir, stage, done, stream.get_state())
-  ckpt.close()
+  # Leaving by an exception (an interrupt, a divergence) still waits for the
+  # checkpoint being written, so the next run never finds a half-saved step.
+  try:
+    for step in range(start, total):
+      if stream is None:
+        idx = batch_indices(config.seed, stage_id, step, n_train, batch_size)
+        rows = host_batch(train, idx[sharding.process_batch_slice(batch_size)])
+      else:  # this host's rows, read from its shard of the array_record files
+        rows = {k: v for k, v in next(stream).items() if k in MODEL_KEYS}
+      batch = sharding.shard_batch(rows, mesh)
+      done = step + 1
+      log_now = done % config.log_every == 0 or done == total
+      extra = {"diagnose": jnp.asarray(log_now)} if takes_ref else {}
+      state, metrics = step_fn(state, *ref_args, batch, jax.random.fold_in(base_key, step),
+                               frozen=frozen, **extra, **static)
+      if log_now:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        # The schedule's rate for the next update, and the updates applied so far.
+        metrics["opt_updates"] = optimizer_updates(state.opt_state)
+        metrics["lr"] = float(schedule(metrics["opt_updates"]))
+        now = time.time()
+        metrics["steps_per_s"] = (done - step_last) / max(now - t_last, 1e-9)
+        if stage == "rl":
+          metrics["gen_tokens_per_s"] = metrics["steps_per_s"] * gen_tokens
+        t_last, step_last = now, done
+        _write_metrics(writer, done, {f"{stage}/{k}": v for k, v in metrics.items()})
+        append_jsonl(history, {"stage": stage, "step": done, **metrics})
+        log(console.line(done, metrics, keys))
+      saving = ckpt.due(done, force=(done == total))
+      if saving or done % config.log_every == 0:  # never checkpoint a diverged state
+        guards.check_finite_step(stage, done, metrics, ckpt, state.params if saving else None)
+      if config.eval.every and (done % config.eval.every == 0 or done == total):
+        val_metrics = eval_lib.evaluate_model(policy_params(state.params, frozen), val, cfg=cfg,
+                                              layout=layout, batch_size=config.eval.batch_size,
+                                              gain=config.reward.gain, mesh=mesh)
+        _write_metrics(writer, done, {f"{stage}/val_{k}": v for k, v in val_metrics.items()})
+        append_jsonl(history, {"stage": stage, "step": done,
+                               **{f"val_{k}": v for k, v in val_metrics.items()}})
+        log(f"[{stage}] step {done}/{total} | validation hit@1 {val_metrics['hit@1']:.4f} "
+            f"ndcg@5 {val_metrics['ndcg@5']:.4f} slate_recall {val_metrics['slate_recall']:.4f}")
+      saved = ckpt.save(done, state.params, state.opt_state, force=(done == total))
+      if saved and stream is not None:
+        _save_stream_state(workdir, stage, done, stream.get_state())
+  finally:
+    ckpt.close()
   return state.params
 
 

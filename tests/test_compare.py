@@ -66,6 +66,31 @@ def test_aggregate_over_seeds():
   assert agg["a"]["hit@1"]["values"] == [0.2, 0.4]
 
 
+def test_sweep_run_directories_are_plain_names(tmp_path):
+  """A sweep's runs ("fgrpo[lam=0.5]") live in directories without glob characters, and
+  their checkpoints are complete: a second process reads them back (eval mode)."""
+  assert compare.run_dirname("fgrpo[lr=0.001]") == "fgrpo_lr=0.001"
+  assert compare.run_dirname("decoupled/x y") == "decoupled_x_y"
+  c = _tiny(**{"compare__sweep_field": "reward.lam", "compare__sweep_values": (0.5,),
+               "compare__pointwise": False, "sft__steps": 2, "rl__steps": 2})
+  first = compare.run_compare(c, str(tmp_path), log=lambda *_: None)
+  # A second call finds every run finished with the same config and reuses it.
+  lines = []
+  again = compare.run_compare(c, str(tmp_path), log=lines.append)
+  assert sum("reusing its eval.json" in l for l in lines) == 2  # warm start + the run
+  assert again["runs"] == first["runs"]
+  run = tmp_path / "seed_0" / "fgrpo_lam=0.5"
+  assert sorted(os.listdir(tmp_path / "seed_0")) == ["fgrpo_lam=0.5", "warm_start"]
+  params = os.listdir(run / "ckpt" / "rl" / "2" / "params")
+  assert "manifest.ocdbt" in params  # finalized (not only the per-process parts)
+  c.algorithm, c.mode = "fgrpo", "eval"
+  c.reward.lam = 0.5
+  c.eval.allow_random = False
+  result = train.run(c, str(run), log=lambda *_: None)  # fails if the params are unreadable
+  with open(run / "eval.json") as f:
+    assert json.load(f)["metrics"] == result["metrics"]
+
+
 def test_ablation_variant_sweeps_one_field():
   c = recsys.get_config("tiny,ablate_lambda")
   runs = compare.planned_runs(c)

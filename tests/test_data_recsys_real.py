@@ -146,6 +146,22 @@ def write_amazon2023(d):
   return {f"P{i:04d}": i for i in range(NUM_ITEMS)}
 
 
+def write_recbole(d, name="ml-fix"):
+  """RecBole atomic files: typed headers, tab-separated, the .item file with a BOM."""
+  with open(d / f"{name}.inter", "w") as f:
+    f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+    for u, i, r, t in EVENTS:
+      f.write(f"{u + 1}\t{i + 1}\t{r}\t{t}\n")
+  with open(d / f"{name}.item", "w", encoding="utf-8-sig") as f:
+    f.write("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n")
+    for i in range(NUM_ITEMS + 2):
+      f.write(f"{i + 1}\t{TITLE.get(i, 'Unrated')}\t1995\tDrama Comedy\n")
+  with open(d / f"{name}.user", "w") as f:  # not read, but part of the published folder
+    f.write("user_id:token\tage:token\tgender:token\n")
+    f.writelines(f"{u + 1}\t30\tF\n" for u in range(NUM_USERS))
+  return {str(i + 1): i for i in range(NUM_ITEMS)}
+
+
 FORMATS = {
     "ml-100k": ("movielens", write_ml100k, "ml-100k"),
     "ml-1m": ("movielens", write_ml1m, "ml-1m"),
@@ -155,6 +171,7 @@ FORMATS = {
     "amazon2018": ("amazon", write_amazon2018, "amazon2018-Beauty"),
     "amazon2018-gz": ("amazon", functools.partial(write_amazon2018, gz=True), "amazon2018-Beauty"),
     "amazon2023": ("amazon", write_amazon2023, "amazon2023-All_Beauty"),
+    "recbole": ("recbole", write_recbole, "ml-fix"),
 }
 
 
@@ -360,6 +377,37 @@ def test_not_a_number_and_missing_fields(tmp_path):
   _expect(tmp_path, "lastfm-1k", "tsv:2: field 'timestamp' is not an ISO time",
           lambda d: _replace_line(d / "userid-timestamp-artid-artname-traid-traname.tsv", 2,
                                   "user_000001\tnot-a-time\tx\tArtist\t\tSong\n"))
+
+
+def test_recbole_bad_input(tmp_path):
+  _expect(tmp_path, "recbole", "ml-fix.item: file not found",
+          lambda d: os.remove(d / "ml-fix.item"))
+
+  def no_timestamp(d):
+    rows = [l.split("\t")[:3] for l in open(d / "ml-fix.inter").read().splitlines()]
+    open(d / "ml-fix.inter", "w").write("".join("\t".join(r) + "\n" for r in rows))
+  msg = _expect(tmp_path, "recbole", "ml-fix.inter:1: no 'timestamp' column", no_timestamp)
+  assert "user_id, item_id, rating" in msg
+  _expect(tmp_path, "recbole", "ml-fix.inter:3: expected 4 fields (user_id, item_id, rating, "
+          "timestamp) separated by a tab, found 3",
+          lambda d: _replace_line(d / "ml-fix.inter", 3, "1\t2\t3\n"))
+  _expect(tmp_path, "recbole", "ml-fix.inter:4: field 'timestamp' is not a number",
+          lambda d: _replace_line(d / "ml-fix.inter", 4, "1\t2\t3\tnoon\n"))
+  _expect(tmp_path, "recbole", "ml-fix.item:1: no title column",
+          lambda d: _replace_line(d / "ml-fix.item", 1, "item_id:token\tyear:token\tx:token\n"))
+  _expect(tmp_path, "recbole", "other.inter: file not found", lambda d: None, dataset="other")
+  _expect(tmp_path, "recbole", "found ml-fix.inter, two.inter: set config.data.dataset",
+          lambda d: write_recbole(d, "two"))
+
+
+def test_recbole_dataset_named_in_a_parent_folder(tmp_path):
+  d = tmp_path / "dataset_example" / "ml-fix"
+  d.mkdir(parents=True)
+  write_recbole(d)
+  write_recbole(d, "other")  # a second dataset beside it: config.data.dataset picks one
+  ds = recsys_real.load(make_config("recbole", tmp_path / "dataset_example", tmp_path / "cache",
+                                    dataset="ml-fix"), log=lambda s: None)
+  assert ds.info["variant"] == "ml-fix" and len(ds.test) == NUM_USERS - 1
 
 
 def test_skip_bad_lines_counts_them(tmp_path):

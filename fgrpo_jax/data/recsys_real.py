@@ -9,6 +9,9 @@ parent when it holds exactly one such folder):
              lastfm-dataset-1K (userid-timestamp-artid-artname-traid-traname.tsv)
   amazon     2018 5-core reviews <Category>_5.json + meta_<Category>.json |
              2023 reviews <Category>.jsonl + meta_<Category>.jsonl (either .gz or not)
+  recbole    RecBole atomic files <dataset>.inter + <dataset>.item (tab-separated,
+             typed headers "user_id:token item_id:token timestamp:float"; the
+             dataset is `config.data.dataset`, or the only *.inter in the folder)
 
 Preparation (each step's counts are logged and stored in the manifest):
 
@@ -32,9 +35,9 @@ Preparation (each step's counts are logged and stored in the manifest):
    (`negatives`), shuffled; drawn once per `config.seed` and stored with the
    prepared data, so every run with that seed evaluates on the same pools.
 
-Item names: MovieLens titles, LastFM artist names, Amazon metadata titles
-(metadata entries of items that are not in the reviews are skipped and counted;
-items without a title are named by their raw id, also counted).
+Item names: MovieLens titles, LastFM artist names, Amazon metadata titles, the title
+column of a RecBole .item file (metadata entries of items that are not in the reviews
+are skipped and counted; items without a title are named by their raw id, also counted).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from fgrpo_jax.data import textio
 from fgrpo_jax.data.synthetic_recsys import RecsysDataset, RecsysExamples
 from fgrpo_jax.errors import UserError
 
-DATASETS = ("movielens", "lastfm", "amazon")
+DATASETS = ("movielens", "lastfm", "amazon", "recbole")
 SPLITS = ("train", "validation", "test")
 DEDUP = ("first", "consecutive", "none")
 PREP_VERSION = 1  # bump when preparation changes: part of the cache key
@@ -63,7 +66,7 @@ PREP_VERSION = 1  # bump when preparation changes: part of the cache key
 # Defaults of the config.data fields read with .get (configs may omit them).
 DEFAULTS = dict(history_len=10, pool_size=20, negatives="uniform", kcore=5, min_rating=0.0,
                 dedup="first", min_history=2, max_train_per_user=0, category="",
-                skip_bad_lines=False)
+                dataset="", skip_bad_lines=False)
 
 
 def settings_from_config(config) -> dict:
@@ -429,6 +432,84 @@ def read_amazon(path: str, problems: _Problems, category: str = ""):
   return f"amazon{version}-{cat}", ev, names, [reviews, meta]
 
 
+# RecBole atomic files: one tab-separated table per kind, its header naming each column
+# with its type ("user_id:token", "rating:float", "movie_title:token_seq"). RecBole's own
+# default field names are used; the title is the first of these .item columns present.
+RECBOLE_FIELDS = {"user": "user_id", "item": "item_id", "time": "timestamp", "rating": "rating"}
+RECBOLE_TITLES = ("movie_title", "title", "name", "artist_name", "track_name", "item_name")
+RECBOLE_ENCODING = "utf-8-sig"  # a byte-order mark (Windows editors) is not part of a name
+
+
+def _recbole_files(path: str, dataset: str) -> tuple[str, str, str]:
+  """(dataset, its .inter file, its .item file), found without parsing them."""
+  if dataset:
+    d = _find_dir(path, [[f"{dataset}.inter"]])
+    inter = os.path.join(d, f"{dataset}.inter")
+    if not os.path.isfile(inter):
+      raise UserError(f"{inter}: file not found (the RecBole interactions of "
+                      f"config.data.dataset={dataset!r})")
+  else:
+    d = _find_dir(path, [])
+    found = sorted(glob.glob(os.path.join(d, "*.inter")))
+    if not found:
+      subs = sorted(glob.glob(os.path.join(d, "*", "*.inter")))
+      found = subs if len({os.path.dirname(p) for p in subs}) == 1 else found
+    if len(found) != 1:
+      listed = ", ".join(os.path.basename(p) for p in found) or "none"
+      raise UserError(f"config.data.path={path}: expected one RecBole <dataset>.inter file, "
+                      f"found {listed}: set config.data.dataset")
+    inter = found[0]
+    dataset = os.path.basename(inter)[:-len(".inter")]
+  item = inter[:-len(".inter")] + ".item"
+  if not os.path.isfile(item):
+    raise UserError(f"{item}: file not found (the RecBole item file with the titles of "
+                    f"{os.path.basename(inter)})")
+  return dataset, inter, item
+
+
+def _atomic_header(path: str) -> tuple[list[str], list[str]]:
+  """(column names, typed columns) of an atomic file's header ("user_id:token")."""
+  for lineno, line, _ in _lines(path, RECBOLE_ENCODING):
+    typed = line.split("\t")
+    if any(":" not in c for c in typed):
+      raise UserError(f"{path}:{lineno}: expected a RecBole header of tab-separated "
+                      f"name:type columns (e.g. user_id:token), found {line[:80]!r}")
+    return [c.split(":", 1)[0].strip() for c in typed], typed
+  raise UserError(f"{path}: empty file (expected a RecBole header line)")
+
+
+def _column(cols: list[str], name: str, path: str, why: str) -> int:
+  if name not in cols:
+    raise UserError(f"{path}:1: no {name!r} column ({why}); the header has "
+                    f"{', '.join(cols)}")
+  return cols.index(name)
+
+
+def read_recbole(path: str, problems: _Problems, dataset: str = ""):
+  """-> (dataset, events, names, source files) of RecBole atomic files."""
+  dataset, inter, item = _recbole_files(path, dataset)
+  cols, typed = _atomic_header(inter)
+  f = RECBOLE_FIELDS
+  user_i = _column(cols, f["user"], inter, "the user of each interaction")
+  item_i = _column(cols, f["item"], inter, "the item of each interaction")
+  time_i = _column(cols, f["time"], inter, "the leave-one-out split orders each user's "
+                                          "interactions by time")
+  rating_i = cols.index(f["rating"]) if f["rating"] in cols else None
+  ev = _read_delimited_events(inter, "\t", cols,
+                              _numeric_row(user_i, item_i, time_i, rating_i, problems),
+                              problems, header=typed, encoding=RECBOLE_ENCODING)
+  item_cols, _ = _atomic_header(item)
+  id_i = _column(item_cols, f["item"], item, "the item id")
+  titles = [c for c in RECBOLE_TITLES if c in item_cols]
+  if not titles:
+    raise UserError(f"{item}:1: no title column (one of {', '.join(RECBOLE_TITLES)}); the "
+                    f"header has {', '.join(item_cols)}")
+  name_i = item_cols.index(titles[0])
+  names = _read_names(item, "\t", id_i, name_i, max(id_i, name_i) + 1, header=True,
+                      encoding=RECBOLE_ENCODING)
+  return dataset, ev, names, [inter, item]
+
+
 # ----------------------------------------------------------------------------
 # Filtering, splitting, pools.
 
@@ -558,7 +639,16 @@ def build_splits(u, i, t, settings, log_counts, log) -> dict:
   return {"splits": out, "items": items, "users": users, "popularity": popularity}
 
 
-READERS: dict[str, Callable] = {"movielens": read_movielens, "lastfm": read_lastfm}
+# config.data.name -> (reader(path, problems[, option]), the settings field of its option)
+READERS: dict[str, tuple[Callable, str | None]] = {
+    "movielens": (read_movielens, None), "lastfm": (read_lastfm, None),
+    "amazon": (read_amazon, "category"), "recbole": (read_recbole, "dataset")}
+
+
+def read_events(settings: dict, problems: _Problems):
+  """(variant, events, names, source files) of the dataset config.data.name names."""
+  reader, option = READERS[settings["name"]]
+  return reader(settings["path"], problems, *([settings[option]] if option else []))
 
 
 def _source_files(settings) -> list[str]:
@@ -586,16 +676,15 @@ def _source_files(settings) -> list[str]:
       raise UserError(f"config.data.path={path}: directory not found")
     _, _, reviews, meta = _amazon_files(d, settings["category"])
     return [reviews, meta]
+  if name == "recbole":
+    return list(_recbole_files(path, settings["dataset"])[1:])
   raise UserError(f"config.data.name={name!r} is not a recommendation dataset")
 
 
 def _prepare(settings: dict, writer: cache_lib.CacheWriter, log) -> None:
   name = settings["name"]
   problems = _Problems(bool(settings["skip_bad_lines"]))
-  if name == "amazon":
-    variant, ev, names, _ = read_amazon(settings["path"], problems, settings["category"])
-  else:
-    variant, ev, names, _ = READERS[name](settings["path"], problems)
+  variant, ev, names, _ = read_events(settings, problems)
   counts: dict = {"variant": variant}
   steps = []
 

@@ -230,9 +230,9 @@ def maybe_chat(task: Task, config) -> Task:
     raise UserError("config.prompt.format=chat needs a tokenizer: set config.prompt.tokenizer "
                     "or config.model.hf_checkpoint to a local directory")
   from fgrpo_jax.data import chat_prompts, text_prompts
-  if not os.path.isdir(directory):
-    raise UserError(f"{field}={directory}: directory not found (the tokenizer of the chat "
-                    "prompts)")
+  if not (os.path.isdir(directory) or (directory.endswith(".gguf") and os.path.isfile(directory))):
+    raise UserError(f"{field}={directory}: directory (or .gguf file) not found (the tokenizer "
+                    "of the chat prompts)")
   tokenizer = text_prompts.load_tokenizer(directory, field)
   label = "History" if task.name == "recsys" else "Question"
   candidates = "Items" if task.name == "recsys" else "Passages"
@@ -242,8 +242,8 @@ def maybe_chat(task: Task, config) -> Task:
   return chat_task(task, prompts)
 
 
-KNOWN = ("synthetic_recsys", "movielens", "lastfm", "amazon", "synthetic_qa", "hotpotqa",
-         "musique", "2wiki")
+REAL_RECSYS = ("movielens", "lastfm", "amazon", "recbole")  # = recsys_real.DATASETS
+KNOWN = ("synthetic_recsys",) + REAL_RECSYS + ("synthetic_qa", "hotpotqa", "musique", "2wiki")
 
 
 def load_task(config, workdir: str | None = None, log=print) -> Task:
@@ -269,7 +269,7 @@ def _load(config, workdir, log) -> Task:
         num_users=d.num_users, seq_len=d.seq_len, history_len=d.history_len,
         pool_size=d.pool_size, negatives=d.negatives, seed=config.seed)
     return recsys_task(dataset, d.name)
-  if d.name in ("movielens", "lastfm", "amazon"):
+  if d.name in REAL_RECSYS:
     from fgrpo_jax.data import recsys_real
     dataset = recsys_real.load(config, workdir, log)
     task = recsys_task(dataset, d.name, cache_dir=dataset.info["cache_dir"])

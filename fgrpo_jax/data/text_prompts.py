@@ -93,13 +93,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 
 def load_tokenizer(directory: str, field: str = ""):
   """The tokenizer saved in `directory` through transformers.AutoTokenizer (local files
-  only). A directory without tokenizer files, or with files transformers cannot read,
-  is one UserError naming it (and `field`, the config field that chose it)."""
+  only), or rebuilt from a .gguf file's metadata (fgrpo_jax/models/gguf.py). A
+  directory without tokenizer files, or with files transformers cannot read, is one
+  UserError naming it (and `field`, the config field that chose it)."""
   where = f"{field}={directory}" if field else str(directory)
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  if str(directory).endswith(".gguf"):
+    from fgrpo_jax.models import gguf
+    return gguf.load_tokenizer(directory)
   if not any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES):
     raise UserError(f"{where}: no tokenizer in this directory (none of "
                     f"{', '.join(TOKENIZER_FILES)})")
-  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   from transformers import AutoTokenizer
   try:
     return AutoTokenizer.from_pretrained(directory, local_files_only=True)

@@ -5,6 +5,10 @@
     save_hf_checkpoint(params, cfg, dir) params -> config.json + model.safetensors
     load_pretrained(path)                all of the above + tokenizer + a jitted forward
 
+A path ending in `.gguf` (a llama.cpp file) is read through `fgrpo_jax/models/gguf.py`
+wherever a checkpoint directory is accepted: its metadata becomes the config.json dict,
+its dequantised tensors are served under HF names, its tokenizer is rebuilt.
+
 Everything is local: nothing here touches the network. Tensors are read with
 `safetensors.safe_open(framework="numpy")` (importing `ml_dtypes` teaches numpy the
 name "bfloat16", so bf16 checkpoints read natively), and each stacked parameter is
@@ -350,8 +354,8 @@ def hf_config_dict(cfg: ModelConfig, architecture: str = "LlamaForCausalLM",
 # Reading safetensors checkpoints.
 
 
-def _expected_tensors(cfg: ModelConfig, text_prefix: str = "model."
-                      ) -> Iterator[tuple[tuple[str, ...], str, int | None, Any]]:
+def expected_tensors(cfg: ModelConfig, text_prefix: str = "model."
+                     ) -> Iterator[tuple[tuple[str, ...], str, int | None, Any]]:
   """Yields (our key path, HF tensor name, index in our stack or None, layout) for `cfg`;
   layout: False, True (transposed) or "conv". `text_prefix` is where the decoder's
   tensors live ("model.", or "model.language_model." in a multimodal checkpoint)."""
@@ -403,6 +407,9 @@ def _corrupt(path: Path, e: Exception) -> UserError:
 
 def _tensor_files(directory: Path) -> tuple[dict[str, Path], Path]:
   """(HF tensor name -> the safetensors file that holds it, the file that lists them)."""
+  if _is_gguf(directory):
+    with _gguf().GGUFTensors(directory) as tensors:
+      return {name: directory for name in tensors.keys()}, directory
   single, index = directory / SAFETENSORS_FILE, directory / SAFETENSORS_INDEX
   if single.is_file():
     with _safe_open(single) as f:
@@ -421,6 +428,24 @@ def _tensor_files(directory: Path) -> tuple[dict[str, Path], Path]:
     return files, index
   raise UserError(f"{directory}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} found "
                   "(only safetensors checkpoints are supported)")
+
+
+def _is_gguf(path) -> bool:
+  return str(path).endswith(".gguf")
+
+
+def _gguf():
+  """fgrpo_jax/models/gguf.py, imported only when a .gguf path is read (it is also the
+  entry point `python -m fgrpo_jax.models.gguf`, which must not be imported before)."""
+  from fgrpo_jax.models import gguf
+  return gguf
+
+
+def _open_tensors(path: Path):
+  """A tensor file opened for reading: safetensors, or a GGUF behind the same interface."""
+  if _is_gguf(path):
+    return _gguf().GGUFTensors(path)
+  return _safe_open(path)
 
 
 def _ignorable(name: str, cfg: ModelConfig) -> bool:
@@ -456,22 +481,18 @@ def _lookup(tree, path):
   return tree
 
 
-def load_hf_params(directory, cfg: ModelConfig, dtype="float32", shardings=None,
-                   log=print) -> Params:
-  """Reads a HF safetensors checkpoint into our stacked params dict.
+def check_tensors(cfg: ModelConfig, files: dict, listing, handles: dict, directory,
+                  log=print) -> list:
+  """One UserError listing every tensor that is missing, unexpected, of the wrong shape
+  or of an unsupported dtype. files: HF name -> file; handles: file -> opened file.
 
-  `shardings`: optional pytree matching the params (or one `jax.sharding.Sharding`
-  for all leaves); each leaf is built on the host, placed with `jax.device_put`,
-  and released before the next one is built. `log` gets one line when parts of a
-  multimodal checkpoint are skipped.
+  Returns the expected tensors (as `expected_tensors` yields them, under the text
+  prefix the files use). Parts of a multimodal checkpoint we do not load are not
+  errors: `log` gets one line naming them.
   """
-  directory = Path(directory)
-  files, listing = _tensor_files(directory)
-  np_dtype = np.dtype(jnp.dtype(dtype))
-  expected = list(_expected_tensors(cfg, _text_prefix(files)))
+  expected = list(expected_tensors(cfg, _text_prefix(files)))
   expected_names = {name for _, name, _, _ in expected}
   shapes = decoder(cfg).param_shapes(cfg)
-
   problems = []
   for _, name, _, _ in expected:
     if name not in files:
@@ -484,30 +505,47 @@ def load_hf_params(directory, cfg: ModelConfig, dtype="float32", shardings=None,
     parts = sorted({p for p in _SKIPPED_PREFIXES for n in skipped if n.startswith(p)})
     log(f"[hf] {directory}: loading the text decoder only; skipping {len(skipped)} tensors "
         f"of {', '.join(p + '*' for p in parts)} (the vision tower / MTP head)")
+  stored = {path: set(h.keys()) for path, h in handles.items()}
+  for path_keys, name, layer, transpose in expected:
+    if name not in files:
+      continue
+    handle = handles[files[name]]
+    if name not in stored[files[name]]:
+      problems.append(f"missing tensor {name!r} (the index maps it to {files[name]})")
+      continue
+    want = _hf_shape(tuple(_lookup(shapes, path_keys).shape[1 if layer is not None else 0:]),
+                     transpose)
+    info = handle.get_slice(name)
+    got, st_dtype = tuple(info.get_shape()), info.get_dtype()
+    if got != want:
+      problems.append(f"tensor {name!r} in {files[name]} has shape {list(got)}, "
+                      f"expected {list(want)} from the config")
+    elif st_dtype not in _ST_DTYPES:
+      problems.append(f"tensor {name!r} in {files[name]} has unsupported dtype {st_dtype}")
+  if problems:
+    shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+    raise UserError(f"checkpoint {directory} does not match its config: " + "; ".join(shown))
+  return expected
+
+
+def load_hf_params(directory, cfg: ModelConfig, dtype="float32", shardings=None,
+                   log=print) -> Params:
+  """Reads a HF safetensors checkpoint (or a .gguf file) into our stacked params dict.
+
+  `shardings`: optional pytree matching the params (or one `jax.sharding.Sharding`
+  for all leaves); each leaf is built on the host, placed with `jax.device_put`,
+  and released before the next one is built. `log` gets one line when parts of a
+  multimodal checkpoint are skipped.
+  """
+  directory = Path(directory)
+  files, listing = _tensor_files(directory)
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  shapes = decoder(cfg).param_shapes(cfg)
 
   with contextlib.ExitStack() as stack:
-    handles = {path: stack.enter_context(_safe_open(path))
+    handles = {path: stack.enter_context(_open_tensors(path))
                for path in sorted(set(files.values()))}
-    stored = {path: set(h.keys()) for path, h in handles.items()}
-    for path_keys, name, layer, transpose in expected:
-      if name not in files:
-        continue
-      handle = handles[files[name]]
-      if name not in stored[files[name]]:
-        problems.append(f"missing tensor {name!r} (the index maps it to {files[name]})")
-        continue
-      want = _hf_shape(tuple(_lookup(shapes, path_keys).shape[1 if layer is not None else 0:]),
-                       transpose)
-      info = handle.get_slice(name)
-      got, st_dtype = tuple(info.get_shape()), info.get_dtype()
-      if got != want:
-        problems.append(f"tensor {name!r} in {files[name]} has shape {list(got)}, "
-                        f"expected {list(want)} from the config")
-      elif st_dtype not in _ST_DTYPES:
-        problems.append(f"tensor {name!r} in {files[name]} has unsupported dtype {st_dtype}")
-    if problems:
-      shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-      raise UserError(f"checkpoint {directory} does not match its config: " + "; ".join(shown))
+    expected = check_tensors(cfg, files, listing, handles, directory, log=log)
 
     by_leaf: dict[tuple[str, ...], list] = {}
     for path_keys, name, layer, transpose in expected:
@@ -539,7 +577,7 @@ def load_hf_params(directory, cfg: ModelConfig, dtype="float32", shardings=None,
 # Writing checkpoints.
 
 
-def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.dtype, Callable]],
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.dtype, Callable]],
                        metadata: dict[str, str]) -> None:
   """Streams tensors into a safetensors file; `tensors` = (name, shape, dtype, produce)."""
   header: dict[str, Any] = {"__metadata__": metadata}
@@ -595,7 +633,7 @@ def save_hf_checkpoint(params: Params, cfg: ModelConfig, directory, tokenizer=No
       raise UserError(f"params have no {'/'.join(path_keys)} but the config needs it") from None
 
   tensors = []
-  for path_keys, name, layer, transpose in _expected_tensors(cfg):
+  for path_keys, name, layer, transpose in expected_tensors(cfg):
     value = leaf(path_keys)
     if tuple(value.shape) != tuple(_lookup(shapes, path_keys).shape):
       raise UserError(f"param {'/'.join(path_keys)} has shape {tuple(value.shape)}, expected "
@@ -616,19 +654,28 @@ def save_hf_checkpoint(params: Params, cfg: ModelConfig, directory, tokenizer=No
         tensors.append((f"model.layers.{i}.self_attn.{proj}_proj.bias", (n,), dt,
                         lambda n=n, dt=dt: iter([np.zeros((n,), dt)])))
 
+  with atomic_directory(directory) as tmp:
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(tmp / SAFETENSORS_FILE, tensors, {"format": "pt"})
+    if tokenizer is not None:
+      tokenizer.save_pretrained(str(tmp))
+  return directory
+
+
+@contextlib.contextmanager
+def atomic_directory(directory) -> Iterator[Path]:
+  """Yields a temporary sibling of `directory` to fill; on success it replaces
+  `directory` by a rename, so readers never see a half-written checkpoint."""
+  directory = Path(directory)
   directory.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
   try:
     os.chmod(tmp, 0o755)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _write_safetensors(tmp / SAFETENSORS_FILE, tensors, {"format": "pt"})
-    if tokenizer is not None:
-      tokenizer.save_pretrained(str(tmp))
+    yield tmp
     replace_dir(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return directory
 
 
 # ----------------------------------------------------------------------------
@@ -657,7 +704,10 @@ class PretrainedModel:
 
 
 def read_hf_config(path) -> tuple[dict, Path]:
+  """(config.json dict, the file it came from) of a checkpoint directory or .gguf file."""
   path = Path(path)
+  if _is_gguf(path):
+    return _gguf().hf_config(path), path
   if not path.is_dir():
     raise UserError(f"{path}: not a local checkpoint directory")
   config_path = path / "config.json"
