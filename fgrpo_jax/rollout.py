@@ -16,7 +16,8 @@ at the sampling temperature; `sequence_logprobs` recomputes them teacher-forced.
 
 The schedule of step kinds is static (numpy), so the whole rollout is one
 `lax.scan` with static shapes, and the prompt is prefilled once per prompt and its
-keys/values shared by the G samples.
+keys/values shared by the G samples. The decoder is `models.decoder(cfg)`: Llama-family
+or Qwen3.5, whose DeltaNet layers copy the prompt's recurrent state into each sample.
 
 In *free* decoding (`Layout(constrained=False, max_new_tokens=T)`, for text LLMs)
 every token is sampled from the full vocabulary, nothing is forced, and a rollout
@@ -39,6 +40,7 @@ import numpy as np
 
 from fgrpo_jax import parse as parse_lib
 from fgrpo_jax.models import llama
+from fgrpo_jax.models.decoders import decoder
 from fgrpo_jax.rewards import PHASE_GEN, PHASE_NONE, PHASE_RANK, PHASE_TAG
 
 # Step kinds of the schedule.
@@ -196,8 +198,9 @@ def sample(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout, group_
   cand_tokens, pool_mask = batch["cand_tokens"], batch["pool_mask"]
   B, C = cand_tokens.shape
   G, T = group_size, layout.length
-  first_logits, prefix = llama.prefill(params, prompt, cfg, prompt_mask, columns=cand_tokens)
-  cache = llama.init_decode_cache(cfg, B, G, T)
+  first_logits, prefix = decoder(cfg).prefill(params, prompt, cfg, prompt_mask,
+                                              columns=cand_tokens)
+  cache = decoder(cfg).init_decode_cache(cfg, B, G, T, prefix)
   logits = jnp.broadcast_to(first_logits[:, None], (B, G, C))
   cand_bg = jnp.broadcast_to(cand_tokens[:, None], (B, G, C))
   pool_bg = jnp.broadcast_to(pool_mask[:, None], (B, G, C)).astype(bool)
@@ -229,8 +232,8 @@ def sample(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout, group_
   def step(carry, t):
     logits, cache, in_slate, ranked = carry
     token, choice, lp, in_slate, ranked = choose(t, logits, in_slate, ranked)
-    logits, cache = llama.decode_step(params, prefix, cache, token, t, cfg,
-                                      columns=cand_tokens)
+    logits, cache = decoder(cfg).decode_step(params, prefix, cache, token, t, cfg,
+                                             columns=cand_tokens)
     return (logits, cache, in_slate, ranked), (token, choice, lp)
 
   empty = jnp.zeros((B, G, C), bool)
@@ -302,8 +305,8 @@ def _sample_free(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout,
   layout.pad_token with log-prob 0. Returns a Rollout parsed by `fgrpo_jax.parse`.
   """
   B, G, T = batch["prompt"].shape[0], group_size, layout.max_new_tokens
-  first_logits, prefix = llama.prefill(params, batch["prompt"], cfg, batch["prompt_mask"])
-  cache = llama.init_decode_cache(cfg, B, G, T)
+  first_logits, prefix = decoder(cfg).prefill(params, batch["prompt"], cfg, batch["prompt_mask"])
+  cache = decoder(cfg).init_decode_cache(cfg, B, G, T, prefix)
   logits = jnp.broadcast_to(first_logits[:, None], (B, G, first_logits.shape[-1]))
 
   def choose(t, logits, state):
@@ -322,7 +325,7 @@ def _sample_free(params, batch, key, *, cfg: llama.ModelConfig, layout: Layout,
   def step(carry, t):
     logits, cache, state = carry
     token, lp, state = choose(t, logits, state)
-    logits, cache = llama.decode_step(params, prefix, cache, token, t, cfg)
+    logits, cache = decoder(cfg).decode_step(params, prefix, cache, token, t, cfg)
     return (logits, cache, state), (token, lp)
 
   (logits, _, state), (tokens, lps) = jax.lax.scan(
@@ -351,7 +354,8 @@ def free_logprobs(params, batch, tokens, live, *, cfg: llama.ModelConfig,
   (logprobs f32 [B, G, T], entropy f32 [B, G, T]), 0 where not live.
   Differentiable in params.
   """
-  logits = llama.completion_logits(params, batch["prompt"], batch["prompt_mask"], tokens, cfg)
+  logits = decoder(cfg).completion_logits(params, batch["prompt"], batch["prompt_mask"], tokens,
+                                          cfg)
   lp, entropy = _full_vocab_logprobs(logits, tokens, temperature)
   return jnp.where(live, lp, 0.0), jnp.where(live, entropy, 0.0)
 
@@ -414,11 +418,12 @@ def sequence_logprobs(params, batch, choices, *, cfg: llama.ModelConfig, layout:
   """
   tokens = tokens_from_choices(choices, batch["cand_tokens"], layout)
   if not layout.constrained:
-    logits = llama.completion_logits(params, batch["prompt"], batch["prompt_mask"], tokens,
-                                     cfg)
+    logits = decoder(cfg).completion_logits(params, batch["prompt"], batch["prompt_mask"],
+                                            tokens, cfg)
     return _full_vocab_logprobs(logits, tokens, temperature)
-  slot_logits = llama.completion_logits(params, batch["prompt"], batch["prompt_mask"], tokens,
-                                        cfg, columns=batch["cand_tokens"])  # [B, G, T, C]
+  slot_logits = decoder(cfg).completion_logits(
+      params, batch["prompt"], batch["prompt_mask"], tokens, cfg,
+      columns=batch["cand_tokens"])  # [B, G, T, C]
   is_choice = choices >= 0
   allowed = allowed_masks(choices, layout, batch["pool_mask"][:, None])
   logp = _constrained_logprobs(slot_logits, allowed, temperature)  # [B, G, T, C]

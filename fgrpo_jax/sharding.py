@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fgrpo_jax.errors import UserError
 from fgrpo_jax.models import llama
+from fgrpo_jax.models.decoders import decoder
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the leading batch dimension is split over these
@@ -51,6 +52,14 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
     (r"layers/(q|k|v|gate|up)_proj", P(None, "fsdp", "tensor")),
     (r"layers/(o|down)_proj", P(None, "tensor", "fsdp")),
     (r"layers/(q|k|v)_bias", P(None, "tensor")),
+    # Qwen3.5 (models/qwen3_5.py): attention layers like the above; the DeltaNet's input
+    # projections split their output channels (heads) over tensor, its depthwise conv the
+    # same channels, its output projection its input side (a Megatron pair again).
+    (r"attn/(q|k|v)_proj", P(None, "fsdp", "tensor")),
+    (r"attn/o_proj", P(None, "tensor", "fsdp")),
+    (r"linear/in_proj_(qkv|z|a|b)", P(None, "fsdp", "tensor")),
+    (r"linear/conv", P(None, None, "tensor")),
+    (r"linear/out_proj", P(None, "tensor", "fsdp")),
     # LoRA adapters (models/lora.py): lora_a [L, in, r], lora_b [L, r, out] split like
     # the kernel's in / out sides, so lora_a @ lora_b lands in the kernel's layout.
     (r"layers/(q|k|v|gate|up)_proj/lora_a", P(None, "fsdp")),
@@ -361,8 +370,8 @@ def init_sharded_params(cfg: llama.ModelConfig, key, mesh, rules=DEFAULT_RULES):
 def _init_fn(cfg: llama.ModelConfig, mesh, rules):
   """One jitted init per (config, mesh, rules): a fresh lambda per call would compile the
   init again on every run in the same process (a comparison, the tests)."""
-  shardings = param_shardings(llama.param_shapes(cfg), mesh, rules)
-  return jax.jit(functools.partial(llama.init_params, cfg), out_shardings=shardings)
+  shardings = param_shardings(decoder(cfg).param_shapes(cfg), mesh, rules)
+  return jax.jit(functools.partial(decoder(cfg).init_params, cfg), out_shardings=shardings)
 
 
 def init_opt_state(optimizer, params, mesh, rules=DEFAULT_RULES):

@@ -34,6 +34,7 @@ from fgrpo_jax import workdir_lock
 from fgrpo_jax.data import tasks as tasks_lib
 from fgrpo_jax.models import hf
 from fgrpo_jax.models import llama
+from fgrpo_jax.models.decoders import decoder
 from fgrpo_jax.models import lora as lora_lib
 from fgrpo_jax.errors import UserError
 from fgrpo_jax.guards import check_finite_settings as _check_finite_settings
@@ -209,7 +210,7 @@ def build_model(config, vocab_size: int, mesh, log=print):
   path = config.model.get("hf_checkpoint", "")
   if path:
     cfg = pretrained_model_config(config, vocab_size)
-    shardings = sharding.param_shardings(llama.param_shapes(cfg), mesh)
+    shardings = sharding.param_shardings(decoder(cfg).param_shapes(cfg), mesh)
     try:
       base = hf.load_hf_params(path, cfg, dtype="float32", shardings=shardings)
     except UserError as e:
@@ -1080,7 +1081,7 @@ def _run(config, workdir: str, log) -> dict:
                         f"of {what} ({rows} rows), not a multiple of data*fsdp={shards} "
                         "(config.mesh)")
   cfg, params, frozen = build_model(config, task.vocab_size, mesh, log)
-  log(f"task {task.dataset}: {task.info} | model {llama.count_params(llama.param_shapes(cfg))/1e6:.2f}M"
+  log(f"task {task.dataset}: {task.info} | model {llama.count_params(decoder(cfg).param_shapes(cfg))/1e6:.2f}M"
       f" params | devices {jax.devices()}")
   writer = _make_writer(workdir) if jax.process_index() == 0 else None
   if jax.process_index() == 0:  # what fgrpo_jax.export needs to rebuild the model

@@ -388,6 +388,27 @@ def test_param_specs_for_every_llama_variant():
   assert specs["layers"]["o_proj"] == P(None, None, "tensor")
 
 
+def test_param_specs_for_qwen3_5():
+  """The DeltaNet and gated-attention kernels get Megatron pairs like Llama's."""
+  from jax.sharding import PartitionSpec as P
+  from fgrpo_jax import sharding
+  from fgrpo_jax.models import llama, qwen3_5
+  cfg = llama.ModelConfig(
+      arch="qwen3_5", vocab_size=64, num_layers=2, hidden=32, num_heads=4, num_kv_heads=2,
+      head_dim=8, mlp_hidden=64, qk_norm=True, layer_types=("linear_attention", "full_attention"),
+      linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+      linear_value_head_dim=4)
+  specs = sharding.param_specs(qwen3_5.param_shapes(cfg), {"data": 1, "fsdp": 4, "tensor": 2})
+  for key in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b"):
+    assert specs["linear"][key] == P(None, "fsdp", "tensor"), key
+  assert specs["linear"]["conv"] == P(None, None, "tensor")
+  assert specs["linear"]["out_proj"] == P(None, "tensor", "fsdp")
+  assert specs["linear"]["A_log"] == specs["linear"]["norm"] == P()
+  assert specs["attn"]["q_proj"] == P(None, "fsdp", "tensor")
+  assert specs["attn"]["o_proj"] == P(None, "tensor", "fsdp")
+  assert specs["layers"]["gate_proj"] == P(None, "fsdp", "tensor")
+
+
 def test_opt_state_shardings_follow_params():
   import jax
   import optax

@@ -406,10 +406,10 @@ def convert(path, out) -> Path:
   config = hf_config(path)
   cfg = hf.config_from_hf(config, source=path)
   with GGUFTensors(path) as tensors:
-    hf.check_tensors(cfg, {name: path for name in tensors.keys()}, path,
-                     {path: tensors}, Path(path))
+    expected = hf.check_tensors(cfg, {name: path for name in tensors.keys()}, path,
+                                {path: tensors}, Path(path))
     entries = []
-    for _, name, _, _ in hf.expected_tensors(cfg):
+    for _, name, _, _ in expected:
       shape = tuple(tensors.get_slice(name).get_shape())
       entries.append((name, shape, np.dtype(np.float32),
                       lambda name=name: iter([tensors.get_tensor(name)])))

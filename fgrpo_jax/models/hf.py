@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> our Llama-family decoder (Llama, Qwen2, Qwen3).
+"""Hugging Face checkpoints <-> our decoders (Llama, Qwen2, Qwen3; Qwen3.5 text).
 
     config_from_hf(hf_config)            config.json dict -> ModelConfig
     load_hf_params(directory, cfg, ...)  model.safetensors (or a sharded index) -> params
@@ -18,12 +18,19 @@ before the next one is built: the host never holds a second copy of the model.
 Layout: HF `nn.Linear` weights are [out, in]; our kernels are [in, out], so every
 projection (and `lm_head`) is transposed. HF Llama/Qwen checkpoints already use the
 half-split rotary layout that `llama.apply_rope` implements, so q/k need no permutation.
+
+Qwen3.5 (`qwen3_5_text`, or the text part of the multimodal `qwen3_5` checkpoint, whose
+tensors live under `model.language_model.`; the vision tower `model.visual.*` and the
+multi-token-prediction head `mtp.*` are skipped) stacks its per-layer tensors by kind
+(qwen3_5.py: `layers/`, `attn/`, `linear/`); the DeltaNet's depthwise conv weight
+[Cd, 1, Kc] becomes our [Kc, Cd]. Exports are written as `Qwen3_5ForCausalLM`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -37,7 +44,8 @@ import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" for safe_open)
 import numpy as np
 
 from fgrpo_jax.errors import UserError
-from fgrpo_jax.models import llama
+from fgrpo_jax.models import qwen3_5
+from fgrpo_jax.models.decoders import decoder
 from fgrpo_jax.models.llama import ModelConfig, Params
 
 # architecture -> (model_type, qkv_bias, qk_norm)
@@ -45,7 +53,11 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", False, False),
     "Qwen2ForCausalLM": ("qwen2", True, False),
     "Qwen3ForCausalLM": ("qwen3", False, True),
+    "Qwen3_5ForCausalLM": ("qwen3_5_text", False, True),
+    # The multimodal checkpoint: its text decoder only (the vision tower is skipped).
+    "Qwen3_5ForConditionalGeneration": ("qwen3_5", False, True),
 }
+QWEN3_5_ARCHITECTURES = ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
 _ARCH_BY_MODEL_TYPE = {v[0]: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -69,6 +81,23 @@ _LAYER_NAMES = {
     "up_proj": ("mlp.up_proj.weight", True),
     "down_proj": ("mlp.down_proj.weight", True),
 }
+# Qwen3.5's DeltaNet layers: our linear/ key -> (HF name inside the layer, layout), where
+# layout is False (as is), True (transposed) or "conv" ([Cd, 1, Kc] <-> our [Kc, Cd]).
+_DELTANET_NAMES = {
+    "in_proj_qkv": ("linear_attn.in_proj_qkv.weight", True),
+    "in_proj_z": ("linear_attn.in_proj_z.weight", True),
+    "in_proj_a": ("linear_attn.in_proj_a.weight", True),
+    "in_proj_b": ("linear_attn.in_proj_b.weight", True),
+    "conv": ("linear_attn.conv1d.weight", "conv"),
+    "dt_bias": ("linear_attn.dt_bias", False),
+    "A_log": ("linear_attn.A_log", False),
+    "norm": ("linear_attn.norm.weight", False),
+    "out_proj": ("linear_attn.out_proj.weight", True),
+}
+# Prefix of the text decoder's tensors in a multimodal Qwen3.5 checkpoint, and the
+# prefixes of what we skip there.
+_QWEN3_5_TEXT_PREFIX = "model.language_model."
+_SKIPPED_PREFIXES = ("model.visual.", "mtp.")
 # Our top-level key -> (HF name, transpose?).
 _TOP_NAMES = {
     "embed": ("model.embed_tokens.weight", False),
@@ -90,6 +119,9 @@ def _architecture(hf: dict, source: str) -> str:
   archs = hf.get("architectures") or []
   model_type = hf.get("model_type")
   supported = ", ".join(SUPPORTED_ARCHITECTURES)
+  if "moe" in str(model_type) and str(model_type).startswith("qwen3_5"):
+    raise UserError(f"{source}: model_type={model_type!r}: mixture-of-experts Qwen3.5 is not "
+                    "supported (dense qwen3_5 / qwen3_5_text only)")
   if archs:
     arch = archs[0]
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -104,12 +136,15 @@ def _architecture(hf: dict, source: str) -> str:
       f"model_type={model_type!r}); supported architectures: {supported}")
 
 
-def _rope(hf: dict, source: str) -> tuple[float, tuple | None]:
-  """(rope_theta, rope_scaling items) following transformers' precedence rules.
+def _rope(hf: dict, source: str, partial_ok: bool = False) -> tuple[float, tuple | None, float]:
+  """(rope_theta, rope_scaling items, partial_rotary_factor) following transformers'
+  precedence rules.
 
   transformers >= 5 writes `rope_parameters` (with `rope_theta` inside); older
   checkpoints write top-level `rope_theta` and `rope_scaling` (`type` or `rope_type`).
-  A legacy `rope_scaling` takes precedence, as it does in transformers.
+  A legacy `rope_scaling` takes precedence, as it does in transformers. Qwen3.5
+  (`partial_ok`) rotates part of each head and names M-RoPE sections; with text-only
+  positions the three sections carry the same position, so M-RoPE is plain rotary.
   """
   params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
   if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
@@ -119,14 +154,18 @@ def _rope(hf: dict, source: str) -> tuple[float, tuple | None]:
   kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
   params.pop("type", None)
   partial = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor"))
-  if partial not in (None, 1, 1.0):
+  if partial_ok:
+    params.pop("mrope_section", None), params.pop("mrope_interleaved", None)
+    partial = 0.25 if partial is None else partial  # Qwen3_5TextConfig's default
+  elif partial not in (None, 1, 1.0):
     raise UserError(f"{source}: partial_rotary_factor={partial} is not supported (only 1.0)")
+  partial = float(partial or 1.0)
   if kind not in SUPPORTED_ROPE_TYPES:
     raise UserError(
         f"{source}: unsupported rope scaling type {kind!r}; supported: "
         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
   if kind == "default":
-    return theta, None
+    return theta, None, partial
   try:
     if kind == "linear":
       scaling = {"rope_type": "linear", "factor": float(params["factor"])}
@@ -140,7 +179,7 @@ def _rope(hf: dict, source: str) -> tuple[float, tuple | None]:
                  "original_max_position_embeddings": int(old_len)}
   except (KeyError, TypeError) as e:
     raise UserError(f"{source}: rope scaling {kind!r} is missing the field {e}") from None
-  return theta, tuple(sorted(scaling.items()))
+  return theta, tuple(sorted(scaling.items())), partial
 
 
 def config_from_hf(hf_config: dict, *, dtype: str = "float32",
@@ -155,6 +194,8 @@ def config_from_hf(hf_config: dict, *, dtype: str = "float32",
   hf = hf_config
   arch = _architecture(hf, source)
   _, qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+  if arch in QWEN3_5_ARCHITECTURES:
+    return _qwen3_5_config(hf, arch, dtype, source)
 
   def need(key):
     if key not in hf:
@@ -178,7 +219,7 @@ def config_from_hf(hf_config: dict, *, dtype: str = "float32",
       and int(hf.get("max_window_layers", num_layers)) < num_layers)
   if sliding:
     raise UserError(f"{source}: sliding-window attention layers are not supported")
-  theta, scaling = _rope(hf, source)
+  theta, scaling, _ = _rope(hf, source)
   try:
     return ModelConfig(
         vocab_size=int(need("vocab_size")),
@@ -200,6 +241,54 @@ def config_from_hf(hf_config: dict, *, dtype: str = "float32",
     raise UserError(f"{source}: {e}") from None
 
 
+def _qwen3_5_config(hf: dict, arch: str, dtype: str, source: str) -> ModelConfig:
+  """ModelConfig of a Qwen3.5 config.json (its `text_config` for the multimodal one)."""
+  text = hf
+  if arch == "Qwen3_5ForConditionalGeneration":
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+      raise UserError(f"{source}: missing field 'text_config' (required for {arch})")
+    source = f"{source} text_config"
+
+  def need(key):
+    if key not in text:
+      raise UserError(f"{source}: missing field {key!r} (required for {arch})")
+    return text[key]
+
+  for key in ("num_experts", "num_local_experts"):
+    if text.get(key):
+      raise UserError(f"{source}: {key}={text[key]}: mixture-of-experts layers are not supported")
+  if text.get("hidden_act", "silu") != "silu":
+    raise UserError(f"{source}: hidden_act={text['hidden_act']!r} is not supported (only 'silu')")
+  if text.get("attention_bias"):
+    raise UserError(f"{source}: attention_bias=true is not supported for {arch}")
+  num_layers = int(need("num_hidden_layers"))
+  types = text.get("layer_types")
+  if not types:  # transformers' default pattern: every `interval`-th layer is attention
+    interval = int(text.get("full_attention_interval", 4))
+    types = [qwen3_5.LINEAR if (i + 1) % interval else qwen3_5.FULL for i in range(num_layers)]
+  theta, scaling, partial = _rope(text, source, partial_ok=True)
+  tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+  heads = int(need("num_attention_heads"))
+  try:
+    return ModelConfig(
+        arch="qwen3_5", vocab_size=int(need("vocab_size")), num_layers=num_layers,
+        hidden=int(need("hidden_size")), num_heads=heads,
+        num_kv_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=int(text.get("head_dim") or 256), mlp_hidden=int(need("intermediate_size")),
+        rope_theta=theta, rope_scaling=scaling, partial_rotary_factor=partial,
+        rms_eps=float(text.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(tie),
+        qk_norm=True, layer_types=tuple(types),
+        linear_num_key_heads=int(text.get("linear_num_key_heads", 16)),
+        linear_num_value_heads=int(text.get("linear_num_value_heads", 32)),
+        linear_key_head_dim=int(text.get("linear_key_head_dim", 128)),
+        linear_value_head_dim=int(text.get("linear_value_head_dim", 128)),
+        linear_conv_kernel=int(text.get("linear_conv_kernel_dim", 4)),
+        dtype=str(jnp.dtype(dtype)))
+  except ValueError as e:
+    raise UserError(f"{source}: {e}") from None
+
+
 def hf_config_dict(cfg: ModelConfig, architecture: str = "LlamaForCausalLM",
                    dtype: str = "float32", tokenizer=None,
                    max_position_embeddings: int = 32768) -> dict:
@@ -208,6 +297,8 @@ def hf_config_dict(cfg: ModelConfig, architecture: str = "LlamaForCausalLM",
     raise UserError(f"unsupported architecture {architecture!r}; supported architectures: "
                     f"{', '.join(SUPPORTED_ARCHITECTURES)}")
   model_type, qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[architecture]
+  if (cfg.arch == "qwen3_5") != (architecture in QWEN3_5_ARCHITECTURES):
+    raise UserError(f"{architecture} cannot express a model of arch {cfg.arch!r}")
   if cfg.qk_norm != qk_norm:
     raise UserError(f"{architecture} cannot express qk_norm={cfg.qk_norm} "
                     "(q/k RMSNorm exists exactly in Qwen3ForCausalLM)")
@@ -243,6 +334,16 @@ def hf_config_dict(cfg: ModelConfig, architecture: str = "LlamaForCausalLM",
   if model_type in ("qwen2", "qwen3"):
     out.update(use_sliding_window=False, sliding_window=None,
                max_window_layers=cfg.num_layers)
+  if cfg.arch == "qwen3_5":  # always the text decoder alone (no vision tower to write)
+    rope["partial_rotary_factor"] = cfg.partial_rotary_factor
+    out.update(
+        architectures=["Qwen3_5ForCausalLM"], model_type="qwen3_5_text", attention_bias=False,
+        layer_types=list(cfg.layer_types), linear_num_key_heads=cfg.linear_num_key_heads,
+        linear_num_value_heads=cfg.linear_num_value_heads,
+        linear_key_head_dim=cfg.linear_key_head_dim,
+        linear_value_head_dim=cfg.linear_value_head_dim,
+        linear_conv_kernel_dim=cfg.linear_conv_kernel)
+    del out["rope_theta"]
   if tokenizer is not None:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
       out[key] = getattr(tokenizer, key, None)
@@ -253,17 +354,40 @@ def hf_config_dict(cfg: ModelConfig, architecture: str = "LlamaForCausalLM",
 # Reading safetensors checkpoints.
 
 
-def expected_tensors(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, int | None, bool]]:
-  """Yields (our key path, HF tensor name, layer index or None, transpose) for `cfg`."""
-  shapes = llama.param_shapes(cfg)
+def expected_tensors(cfg: ModelConfig, text_prefix: str = "model."
+                     ) -> Iterator[tuple[tuple[str, ...], str, int | None, Any]]:
+  """Yields (our key path, HF tensor name, index in our stack or None, layout) for `cfg`;
+  layout: False, True (transposed) or "conv". `text_prefix` is where the decoder's
+  tensors live ("model.", or "model.language_model." in a multimodal checkpoint)."""
+  shapes = decoder(cfg).param_shapes(cfg)
   for key in ("embed", "final_norm", "lm_head"):
     if key in shapes:
-      name, transpose = _TOP_NAMES[key]
-      yield (key,), name, None, transpose
-  for key in shapes["layers"]:
-    name, transpose = _LAYER_NAMES[key]
-    for i in range(cfg.num_layers):
-      yield ("layers", key), f"model.layers.{i}.{name}", i, transpose
+      name, layout = _TOP_NAMES[key]
+      if name.startswith("model."):  # lm_head sits outside the decoder
+        name = text_prefix + name[len("model."):]
+      yield (key,), name, None, layout
+  # Which model layers each stacked group holds, in order.
+  groups = {"layers": (range(cfg.num_layers), _LAYER_NAMES)}
+  if cfg.arch == "qwen3_5":
+    kinds = list(enumerate(cfg.layer_types))
+    groups["attn"] = ([i for i, t in kinds if t == qwen3_5.FULL], _LAYER_NAMES)
+    groups["linear"] = ([i for i, t in kinds if t == qwen3_5.LINEAR], _DELTANET_NAMES)
+  for group, (layers, names) in groups.items():
+    for key in shapes.get(group, {}):
+      name, layout = names[key]
+      for j, i in enumerate(layers):
+        yield (group, key), f"{text_prefix}layers.{i}.{name}", j, layout
+
+
+def _hf_shape(ours: tuple[int, ...], layout) -> tuple[int, ...]:
+  if layout == "conv":
+    return (ours[1], 1, ours[0])
+  return ours[::-1] if layout else ours
+
+
+def _text_prefix(files: dict) -> str:
+  return (_QWEN3_5_TEXT_PREFIX if _QWEN3_5_TEXT_PREFIX + "embed_tokens.weight" in files
+          else "model.")
 
 
 def _safe_open(path: Path):
@@ -329,8 +453,17 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
   return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
 
 
-def _read_into(out: np.ndarray, handle, name: str, transpose: bool) -> None:
-  """Copies tensor `name` (transposed if asked) into the preallocated view `out`."""
+def _skipped(name: str, cfg: ModelConfig) -> bool:
+  """Parts of a multimodal Qwen3.5 checkpoint we do not load (vision tower, MTP head)."""
+  return cfg.arch == "qwen3_5" and name.startswith(_SKIPPED_PREFIXES)
+
+
+def _read_into(out: np.ndarray, handle, name: str, transpose) -> None:
+  """Copies tensor `name` (in layout `transpose`: False, True or "conv") into the
+  preallocated view `out`."""
+  if transpose == "conv":  # [Cd, 1, Kc] -> [Kc, Cd]; conv weights are small
+    out[...] = handle.get_tensor(name)[:, 0, :].T
+    return
   if not transpose:
     out[...] = handle.get_tensor(name)
     return
@@ -348,19 +481,30 @@ def _lookup(tree, path):
   return tree
 
 
-def check_tensors(cfg: ModelConfig, files: dict, listing, handles: dict, directory) -> None:
+def check_tensors(cfg: ModelConfig, files: dict, listing, handles: dict, directory,
+                  log=print) -> list:
   """One UserError listing every tensor that is missing, unexpected, of the wrong shape
-  or of an unsupported dtype. files: HF name -> file; handles: file -> opened file."""
-  expected = list(expected_tensors(cfg))
+  or of an unsupported dtype. files: HF name -> file; handles: file -> opened file.
+
+  Returns the expected tensors (as `expected_tensors` yields them, under the text
+  prefix the files use). Parts of a multimodal checkpoint we do not load are not
+  errors: `log` gets one line naming them.
+  """
+  expected = list(expected_tensors(cfg, _text_prefix(files)))
   expected_names = {name for _, name, _, _ in expected}
-  shapes = llama.param_shapes(cfg)
+  shapes = decoder(cfg).param_shapes(cfg)
   problems = []
   for _, name, _, _ in expected:
     if name not in files:
       problems.append(f"missing tensor {name!r} (not in {listing})")
+  skipped = [name for name in files if _skipped(name, cfg)]
   for name, path in files.items():
-    if name not in expected_names and not _ignorable(name, cfg):
+    if name not in expected_names and not _ignorable(name, cfg) and not _skipped(name, cfg):
       problems.append(f"unexpected tensor {name!r} in {path}")
+  if skipped:
+    parts = sorted({p for p in _SKIPPED_PREFIXES for n in skipped if n.startswith(p)})
+    log(f"[hf] {directory}: loading the text decoder only; skipping {len(skipped)} tensors "
+        f"of {', '.join(p + '*' for p in parts)} (the vision tower / MTP head)")
   stored = {path: set(h.keys()) for path, h in handles.items()}
   for path_keys, name, layer, transpose in expected:
     if name not in files:
@@ -369,9 +513,8 @@ def check_tensors(cfg: ModelConfig, files: dict, listing, handles: dict, directo
     if name not in stored[files[name]]:
       problems.append(f"missing tensor {name!r} (the index maps it to {files[name]})")
       continue
-    want = tuple(_lookup(shapes, path_keys).shape[1 if layer is not None else 0:])
-    if transpose:
-      want = want[::-1]
+    want = _hf_shape(tuple(_lookup(shapes, path_keys).shape[1 if layer is not None else 0:]),
+                     transpose)
     info = handle.get_slice(name)
     got, st_dtype = tuple(info.get_shape()), info.get_dtype()
     if got != want:
@@ -382,25 +525,27 @@ def check_tensors(cfg: ModelConfig, files: dict, listing, handles: dict, directo
   if problems:
     shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
     raise UserError(f"checkpoint {directory} does not match its config: " + "; ".join(shown))
+  return expected
 
 
-def load_hf_params(directory, cfg: ModelConfig, dtype="float32", shardings=None) -> Params:
+def load_hf_params(directory, cfg: ModelConfig, dtype="float32", shardings=None,
+                   log=print) -> Params:
   """Reads a HF safetensors checkpoint (or a .gguf file) into our stacked params dict.
 
   `shardings`: optional pytree matching the params (or one `jax.sharding.Sharding`
   for all leaves); each leaf is built on the host, placed with `jax.device_put`,
-  and released before the next one is built.
+  and released before the next one is built. `log` gets one line when parts of a
+  multimodal checkpoint are skipped.
   """
   directory = Path(directory)
   files, listing = _tensor_files(directory)
   np_dtype = np.dtype(jnp.dtype(dtype))
-  expected = list(expected_tensors(cfg))
-  shapes = llama.param_shapes(cfg)
+  shapes = decoder(cfg).param_shapes(cfg)
 
   with contextlib.ExitStack() as stack:
     handles = {path: stack.enter_context(_open_tensors(path))
                for path in sorted(set(files.values()))}
-    check_tensors(cfg, files, listing, handles, directory)
+    expected = check_tensors(cfg, files, listing, handles, directory, log=log)
 
     by_leaf: dict[tuple[str, ...], list] = {}
     for path_keys, name, layer, transpose in expected:
@@ -423,7 +568,7 @@ def load_hf_params(directory, cfg: ModelConfig, dtype="float32", shardings=None)
       del host  # the only host copy of this leaf; the next leaf reuses the memory
       parent = params
       for key in path_keys[:-1]:
-        parent = parent[key]
+        parent = parent.setdefault(key, {})
       parent[path_keys[-1]] = value
     return params
 
@@ -479,7 +624,7 @@ def save_hf_checkpoint(params: Params, cfg: ModelConfig, directory, tokenizer=No
   config = hf_config_dict(cfg, architecture, dtype=str(
       jnp.dtype(dtype) if dtype is not None else params["embed"].dtype), tokenizer=tokenizer)
   _, qkv_bias, _ = SUPPORTED_ARCHITECTURES[architecture]
-  shapes = llama.param_shapes(cfg)
+  shapes = decoder(cfg).param_shapes(cfg)
 
   def leaf(path_keys):
     try:
@@ -494,12 +639,11 @@ def save_hf_checkpoint(params: Params, cfg: ModelConfig, directory, tokenizer=No
       raise UserError(f"param {'/'.join(path_keys)} has shape {tuple(value.shape)}, expected "
                       f"{tuple(_lookup(shapes, path_keys).shape)}")
     out_dtype = np.dtype(jnp.dtype(dtype) if dtype is not None else value.dtype)
-    shape = tuple(value.shape[1:] if layer is not None else value.shape)
-    shape = shape[::-1] if transpose else shape
+    shape = _hf_shape(tuple(value.shape[1:] if layer is not None else value.shape), transpose)
 
     def produce(value=value, layer=layer, transpose=transpose):
       x = np.asarray(value[layer] if layer is not None else value)
-      yield x.T if transpose else x
+      yield x.T[:, None, :] if transpose == "conv" else x.T if transpose else x
 
     tensors.append((name, shape, out_dtype, produce))
   if qkv_bias and not cfg.qkv_bias:  # Qwen2 always has q/k/v biases: write zeros
@@ -537,7 +681,9 @@ def atomic_directory(directory) -> Iterator[Path]:
 # ----------------------------------------------------------------------------
 # One-call loading.
 
-_forward = jax.jit(llama.forward, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _forward(params, tokens, cfg):
+  return decoder(cfg).forward(params, tokens, cfg)
 
 
 @dataclasses.dataclass

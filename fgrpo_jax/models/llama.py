@@ -1,5 +1,9 @@
 """A Llama-family decoder (Llama, Qwen2, Qwen3) in Flax NNX, used functionally.
 
+Its blocks (RMSNorm, rotary, attention, MLP, the residual layer) are also those of
+the Qwen3.5 hybrid decoder in `qwen3_5.py`, which `ModelConfig.arch` selects
+(`fgrpo_jax.models.decoder(cfg)` returns the module of either).
+
 The NNX module `Decoder` declares the parameters (names, shapes, initialisers);
 `init_params` turns it into a plain nested dict of arrays. Every forward function
 below is pure: it takes that dict (and an explicit KV cache where there is one) and
@@ -58,8 +62,27 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: str = "float32"  # compute dtype; parameters stay float32 unless cast
   remat: str = "none"  # "none" | "full": rematerialise each layer in the backward pass
+  # "llama" (this file) | "qwen3_5" (qwen3_5.py: Gated DeltaNet + gated attention layers,
+  # zero-centred RMSNorm x * (1 + w), q/k norm, attention output gate, partial rotary).
+  arch: str = "llama"
+  partial_rotary_factor: float = 1.0  # rotary on the first int(D * factor) dims of a head
+  # Qwen3.5 only: "linear_attention" | "full_attention" per layer, and the DeltaNet sizes.
+  layer_types: tuple[str, ...] = ()
+  linear_num_key_heads: int = 0
+  linear_num_value_heads: int = 0
+  linear_key_head_dim: int = 0
+  linear_value_head_dim: int = 0
+  linear_conv_kernel: int = 4
+  chunk_size: int = 64  # tokens per chunk of the DeltaNet's parallel (chunked) form
 
   def __post_init__(self):
+    if self.arch not in ("llama", "qwen3_5"):
+      raise ValueError(f"model.arch={self.arch!r} is not one of llama, qwen3_5")
+    if self.arch == "qwen3_5":
+      _check_qwen3_5(self)
+    if self.rotary_dim % 2 or self.rotary_dim == 0:
+      raise ValueError(f"model.partial_rotary_factor={self.partial_rotary_factor} of "
+                       f"head_dim={self.head_dim} must rotate a positive even number of dims")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"model.num_heads={self.num_heads} must be a multiple of "
@@ -70,6 +93,37 @@ class ModelConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.head_dim * self.partial_rotary_factor)
+
+  @property
+  def norm_offset(self) -> float:
+    """Qwen3.5 stores RMSNorm weights zero-centred: the scale is 1 + w."""
+    return 1.0 if self.arch == "qwen3_5" else 0.0
+
+  @property
+  def attn_output_gate(self) -> bool:
+    """Qwen3.5: q_proj emits, per head, the query and a sigmoid gate on the output."""
+    return self.arch == "qwen3_5"
+
+
+def _check_qwen3_5(cfg: ModelConfig) -> None:
+  kinds = ("linear_attention", "full_attention")
+  if len(cfg.layer_types) != cfg.num_layers or any(t not in kinds for t in cfg.layer_types):
+    raise ValueError(f"model.layer_types={list(cfg.layer_types)} must name one of {kinds} "
+                     f"for each of the {cfg.num_layers} layers")
+  if not cfg.qk_norm or cfg.qkv_bias:
+    raise ValueError("qwen3_5 attention has q/k norms and no biases (qk_norm=True, qkv_bias=False)")
+  if "linear_attention" in cfg.layer_types:
+    sizes = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+             cfg.linear_value_head_dim, cfg.linear_conv_kernel, cfg.chunk_size)
+    if min(sizes) < 1:
+      raise ValueError("model.linear_* sizes and chunk_size must be positive for DeltaNet layers")
+    if cfg.linear_num_value_heads % cfg.linear_num_key_heads:
+      raise ValueError(f"model.linear_num_value_heads={cfg.linear_num_value_heads} must be a "
+                       f"multiple of model.linear_num_key_heads={cfg.linear_num_key_heads}")
 
 
 class PrefixCache(NamedTuple):
@@ -156,15 +210,21 @@ def count_params(params: Params) -> int:
 # Building blocks (pure functions over arrays).
 
 
-def rms_norm(x, scale, eps):
-  """RMSNorm in float32, cast back to x's dtype (Llama convention)."""
+def rms_norm(x, scale, eps, offset=0.0):
+  """RMSNorm in float32, cast back to x's dtype; the scale is offset + scale (offset 1:
+  Qwen3.5's zero-centred weights, added in float32 so bf16 weights lose nothing)."""
   xf = x.astype(jnp.float32)
   xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (xf * scale.astype(jnp.float32)).astype(x.dtype)
+  return (xf * (offset + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def norm(x, scale, cfg: ModelConfig):
+  """The model's RMSNorm (plain or zero-centred, by cfg.arch) over the last axis."""
+  return rms_norm(x, scale, cfg.rms_eps, cfg.norm_offset)
 
 
 def _rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-  D = cfg.head_dim
+  D = cfg.rotary_dim
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
   scaling = dict(cfg.rope_scaling or ())
   kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -187,19 +247,22 @@ def _rope_inv_freq(cfg: ModelConfig) -> jax.Array:
 
 
 def apply_rope(x, positions, cfg: ModelConfig):
-  """Rotary embedding, half-split layout. x [..., T, N, D], positions [..., T]."""
+  """Rotary embedding, half-split layout, on the first R = cfg.rotary_dim dims of each
+  head (the rest pass through). x [..., T, N, D], positions [..., T]."""
   inv_freq = _rope_inv_freq(cfg)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, D/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]  # [..., T, 1, D]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, R/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]  # [..., T, 1, R]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
+  R = cfg.rotary_dim
   xf = x.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-  return (xf * cos + rotated * sin).astype(x.dtype)
+  xr, rest = xf[..., :R], xf[..., R:]
+  rotated = jnp.concatenate([-xr[..., R // 2:], xr[..., :R // 2]], axis=-1)
+  return jnp.concatenate([xr * cos + rotated * sin, rest], axis=-1).astype(x.dtype)
 
 
 def _project_qkv(lp, x, positions, cfg: ModelConfig):
-  """x [..., T, hidden] -> q [..., T, H, D], k/v [..., T, K, D] (rotary applied)."""
+  """x [..., T, hidden] -> q [..., T, H, D], k/v [..., T, K, D] (rotary applied), and
+  the output gate [..., T, H, D] (None unless cfg.attn_output_gate)."""
   H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   dt = x.dtype
   q = x @ lp["q_proj"].astype(dt)
@@ -207,13 +270,17 @@ def _project_qkv(lp, x, positions, cfg: ModelConfig):
   v = x @ lp["v_proj"].astype(dt)
   if cfg.qkv_bias:
     q, k, v = q + lp["q_bias"].astype(dt), k + lp["k_bias"].astype(dt), v + lp["v_bias"].astype(dt)
-  q = q.reshape(*q.shape[:-1], H, D)
+  gate = None
+  if cfg.attn_output_gate:  # per head: D query features, then D gate features
+    q, gate = jnp.split(q.reshape(*q.shape[:-1], H, 2 * D), 2, axis=-1)
+  else:
+    q = q.reshape(*q.shape[:-1], H, D)
   k = k.reshape(*k.shape[:-1], K, D)
   v = v.reshape(*v.shape[:-1], K, D)
   if cfg.qk_norm:
-    q = rms_norm(q, lp["q_norm"], cfg.rms_eps)
-    k = rms_norm(k, lp["k_norm"], cfg.rms_eps)
-  return apply_rope(q, positions, cfg), apply_rope(k, positions, cfg), v
+    q = norm(q, lp["q_norm"], cfg)
+    k = norm(k, lp["k_norm"], cfg)
+  return apply_rope(q, positions, cfg), apply_rope(k, positions, cfg), v, gate
 
 
 def _scores(q, k):
@@ -254,20 +321,29 @@ def _mlp(lp, x):
   return (gate * (x @ lp["up_proj"].astype(dt))) @ lp["down_proj"].astype(dt)
 
 
+def residual_block(lp, x, cfg, mixer):
+  """x + mixer(norm(x)), then x + MLP(norm(x)): one pre-norm layer on x [B, G, T, hidden].
+  mixer(h) -> (update [B, G, T, hidden], what the layer hands back)."""
+  a, out = mixer(norm(x, lp["attn_norm"], cfg))
+  x = x + a
+  return x + _mlp(lp, norm(x, lp["mlp_norm"], cfg)), out
+
+
 def _layer(lp, x, positions, cfg, self_kv_fn, self_mask, prefix):
-  """One pre-norm decoder layer on x [B, G, T, hidden].
+  """One attention layer on x [B, G, T, hidden].
 
   self_kv_fn(k, v) -> (keys, values, carry_out) decides which keys the tokens see
   (their own, or a cache they are written into) and what the layer hands back.
   """
-  h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
-  q, k, v = _project_qkv(lp, h, positions, cfg)
-  keys, values, out_kv = self_kv_fn(k, v)
-  a = attention(q, keys, values, self_mask, prefix)
-  a = a.reshape(*a.shape[:-2], -1) @ lp["o_proj"].astype(x.dtype)
-  x = x + a
-  x = x + _mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_eps))
-  return x, out_kv
+  def mixer(h):
+    q, k, v, gate = _project_qkv(lp, h, positions, cfg)
+    keys, values, out_kv = self_kv_fn(k, v)
+    a = attention(q, keys, values, self_mask, prefix)
+    if gate is not None:
+      a = a * jax.nn.sigmoid(gate.astype(jnp.float32)).astype(a.dtype)
+    return a.reshape(*a.shape[:-2], -1) @ lp["o_proj"].astype(x.dtype), out_kv
+
+  return residual_block(lp, x, cfg, mixer)
 
 
 def _embed(params, tokens, cfg):
@@ -278,7 +354,7 @@ def _lm_head(params, x, cfg, columns=None):
   """Logits f32 of x [B, ..., h]: over the vocabulary [B, ..., V], or only over the
   token ids `columns` int32 [B, C] -> [B, ..., C] (constrained decoding needs the C
   candidate tokens, not a 150k-wide vocabulary)."""
-  x = rms_norm(x, params["final_norm"], cfg.rms_eps)
+  x = norm(x, params["final_norm"], cfg)
   if columns is None:
     w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     return jnp.einsum("...h,hv->...v", x, w.astype(x.dtype),
@@ -348,7 +424,12 @@ def prefill(params: Params, tokens: jax.Array, cfg: ModelConfig,
   return _lm_head(params, x[:, -1], cfg, columns), cache
 
 
-def init_decode_cache(cfg: ModelConfig, batch: int, group: int, length: int) -> DecodeCache:
+def init_decode_cache(cfg: ModelConfig, batch: int, group: int, length: int,
+                      prefix: PrefixCache | None = None) -> DecodeCache:
+  """Empty keys/values for `length` generated tokens of batch x group sequences. The
+  prompt's keys stay in `prefix`, so it is not needed here (Qwen3.5 copies its
+  recurrent state from it)."""
+  del prefix
   shape = (cfg.num_layers, batch, group, length, cfg.num_kv_heads, cfg.head_dim)
   zeros = jnp.zeros(shape, cfg.compute_dtype)
   return DecodeCache(k=zeros, v=zeros)
