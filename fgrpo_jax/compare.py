@@ -72,8 +72,12 @@ def finished_run(config, workdir: str, log) -> dict | None:
   paths = [os.path.join(workdir, f) for f in ("eval.json", train.RUN_CONFIG, train.EVAL_EXAMPLES)]
   if not all(os.path.exists(p) for p in paths):
     return None
+  def settings(d):  # the comparison's own fields (seed range, run list) do not matter
+    return {k: v for k, v in d.items() if k != "compare"}
+
   with open(paths[1]) as f:
-    if json.load(f).get("config") != json.loads(json.dumps(config.to_dict())):
+    if settings(json.load(f).get("config", {})) != settings(json.loads(json.dumps(
+        config.to_dict()))):
       return None
   with open(paths[0]) as f:
     result = json.load(f)
