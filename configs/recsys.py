@@ -118,7 +118,7 @@ def get_config(arg=None):
   c.rl = ml_collections.ConfigDict()
   c.rl.steps = 200  # RL steps (each: rollout, rewards, update)
   c.rl.batch_prompts = 16  # B: prompts per RL step (B*G rollouts)
-  c.rl.lr = 5e-4  # peak learning rate after the warm start (RL, and the SFT baselines' continuation)
+  c.rl.lr = 3e-4  # peak learning rate after the warm start (RL, and the SFT baselines' continuation)
   c.rl.inner_steps = 2  # gradient steps on each batch of rollouts (ratio != 1 after the first)
   c.rl.eps_low = 0.2  # lower clip range of the ratio
   c.rl.eps_high = 0.28  # upper clip range of the ratio (clip-higher)
