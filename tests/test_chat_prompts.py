@@ -237,7 +237,9 @@ def test_format_penalty_is_charged_to_the_malformed_phase(prompts, batch):
                               coverage="recall", rank_metric="ndcg", gain="exp", lam=1.0,
                               advantage="mean", inner_steps=1,
                               loss=objectives.PolicyLossConfig(), format_penalty=0.5)
-  r_gen, r_rank = (np.asarray(x)[0] for x in train.rollout_rewards(ro, relevance, settings, M))
+  r_gen, r_rank, rank_ok = (np.asarray(x)[0]
+                            for x in train.rollout_rewards(ro, relevance, settings, M))
+  assert rank_ok.all()  # reward.rank_ideal="pool": R_rank is defined for every rollout
   base_gen, base_rank = (np.asarray(x)[0] for x in R.phase_rewards(
       ro.slate, ro.ranking, relevance[:, None], rank_k=M))
   np.testing.assert_allclose(r_gen - base_gen, [0, -0.5, 0, -0.5, 0])

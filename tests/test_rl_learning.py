@@ -148,7 +148,9 @@ def _expected_lr(count, peak, end, warmup, total):
   return end + (peak - end) * 0.5 * (1.0 + np.cos(np.pi * frac))
 
 
-@pytest.mark.parametrize("algorithm", ["fgrpo", "decoupled", "sft"])
+# decoupled takes the same stage_sizes and optimizer as fgrpo (test_baseline_budgets...);
+# the end-to-end check runs the RL stage and the SFT continuation (its inner updates).
+@pytest.mark.parametrize("algorithm", ["fgrpo", "sft"])
 def test_schedule_spans_every_optimizer_update(tmp_path, algorithm):
   c = recsys.get_config("tiny")
   c.algorithm = algorithm
