@@ -15,24 +15,32 @@ if [ ! -f "$WARM/eval.json" ]; then  # the warm start every run starts from
   $PY -m fgrpo_jax.main $COMMON --config.rl.steps=0 --workdir="$WARM" > "$OUT/warm_start.log" 2>&1 || exit 1
 fi
 # name, then the overrides of the one setting it changes (rl.lr 3e-4 elsewhere).
+# Settings one session's CPU could run, most informative first: the SFT
+# continuation (is there headroom?), the rate, the sampling temperature, more
+# samples per prompt at the same budget, more prompts per update (4x the budget:
+# is the loss noise?), the advantage's normalisation, a KL anchor, the number of
+# updates per batch, GRPO, the slate-relative R_rank.
 SETTINGS=(
   "sft_continuation --config.algorithm=sft"
   "lr_1e-4 --config.rl.lr=1e-4"
   "temperature_0.7 --config.rollout.temperature=0.7"
   "group_16 --config.rollout.group_size=16 --config.rl.batch_prompts=8"
+  "batch_64 --config.rl.batch_prompts=64 --config.rl.steps=150 --config.eval.every=50"
+  "lr_3e-5 --config.rl.lr=3e-5"
   "advantage_std --config.reward.advantage=std"
   "kl_0.05 --config.rl.kl_coef=0.05"
   "inner_1 --config.rl.inner_steps=1"
-  "inner_4 --config.rl.inner_steps=4"
-  "kl_0.01 --config.rl.kl_coef=0.01"
   "grpo --config.algorithm=grpo"
   "rank_ideal_slate --config.reward.rank_ideal=slate"
-  "fgrpo --config.algorithm=fgrpo"
-  "steps_1000 --config.rl.steps=1000 --config.eval.every=250"
+  "inner_4 --config.rl.inner_steps=4"
+  "kl_0.01 --config.rl.kl_coef=0.01"
 )
 run_one() {
   name=$1; shift
-  [ -f "$OUT/$name/eval.json" ] && return 0  # finished earlier
+  [ -e "$OUT/$name" ] && return 0  # finished, or started by an earlier invocation
+  # Another invocation may still be running its own runs: wait for a free slot.
+  sleep $((RANDOM % 20))
+  while [ "$(pgrep -fc "workdir=$OUT/")" -ge "${JOBS:-2}" ]; do sleep 30; done
   $PY -m fgrpo_jax.main $COMMON --config.sft.init_from="$WARM" "$@" --workdir="$OUT/$name" \
     > "$OUT/$name.log" 2>&1
 }
