@@ -763,8 +763,14 @@ def _write_metrics(writer, step, metrics):
     writer.write_scalars(step, {k: float(v) for k, v in metrics.items()})
 
 
-def _make_writer(workdir):
-  from clu import metric_writers  # imports TensorFlow for event files; keep it lazy
+def _make_writer(workdir, log=print):
+  """clu's TensorBoard writer, or None (metrics.jsonl only) where TensorFlow does not
+  import, e.g. a notebook runtime whose own TensorFlow conflicts with ours."""
+  try:
+    from clu import metric_writers  # imports TensorFlow for event files; keep it lazy
+  except ImportError as e:
+    log(f"[log] TensorBoard writer off ({e}); metrics go to metrics.jsonl only")
+    return None
   return metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
 
@@ -1083,7 +1089,7 @@ def _run(config, workdir: str, log) -> dict:
   cfg, params, frozen = build_model(config, task.vocab_size, mesh, log)
   log(f"task {task.dataset}: {task.info} | model {llama.count_params(decoder(cfg).param_shapes(cfg))/1e6:.2f}M"
       f" params | devices {jax.devices()}")
-  writer = _make_writer(workdir) if jax.process_index() == 0 else None
+  writer = _make_writer(workdir, log) if jax.process_index() == 0 else None
   if jax.process_index() == 0:  # what fgrpo_jax.export needs to rebuild the model
     guards.warn_config_changes(workdir, RUN_CONFIG, config, log)
     write_json_atomic(os.path.join(workdir, RUN_CONFIG),

@@ -28,12 +28,19 @@ is used automatically; the CPU works too)."""),
 # The notebook lives in notebooks/; the repository root is one level up.
 REPO = os.path.abspath(os.environ.get("FGRPO_REPO", ".." if os.path.basename(os.getcwd()) == "notebooks" else "."))
 if importlib.util.find_spec("fgrpo_jax") is None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", os.path.join(REPO, "requirements.txt"),
-                    "-e", REPO], check=True)
+    # Installs jax[tpu] / jax[cuda12] of the pinned version on an accelerator runtime
+    # (the pinned CPU jaxlib would silently run on the CPU), and keeps a preinstalled
+    # TensorFlow instead of adding tensorflow-cpu beside it.
+    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "notebook_install.py")], check=True)
 sys.path.insert(0, REPO)
 os.chdir(REPO)"""),
     ("code", """import jax
-print("backend:", jax.default_backend(), "| devices:", jax.device_count(), jax.devices()[:4])"""),
+print("backend:", jax.default_backend(), "| devices:", jax.device_count(), jax.devices()[:4])
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from notebook_install import detect_extra
+if detect_extra() != "cpu" and jax.default_backend() == "cpu":
+    print(f"WARNING: this runtime has an accelerator (jax[{detect_extra()}]) but jax runs on the CPU: "
+          "restart the runtime after the install cell")"""),
     ("code", """# Parameters: FGRPO_NOTEBOOK_SMALL=1 (used by the tests) trains for seconds.
 SMALL = os.environ.get("FGRPO_NOTEBOOK_SMALL", "0") == "1"
 WORKDIR = os.environ.get("FGRPO_NOTEBOOK_WORKDIR", "runs/notebook")"""),
@@ -100,7 +107,9 @@ def build():
   nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
   nb.metadata["colab"] = {"provenance": []}
   for kind, src in CELLS:
-    nb.cells.append(v4.new_markdown_cell(src) if kind == "md" else v4.new_code_cell(src))
+    cell = v4.new_markdown_cell(src) if kind == "md" else v4.new_code_cell(src)
+    cell.id = f"cell-{len(nb.cells)}"  # stable ids: regenerating changes only edited cells
+    nb.cells.append(cell)
   return nb
 
 

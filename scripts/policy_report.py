@@ -51,6 +51,40 @@ def sampled_rewards(params, arrays, *, cfg, layout, settings, group_size, batch_
   return float(np.concatenate(gen).mean()), float(np.concatenate(rank).mean())
 
 
+def top1_profile(params, arrays, popularity, *, cfg, layout, batch_size):
+  """Where the greedy top-1 goes: how many distinct items, and how popular they are.
+
+  popularity: {item token: share of training examples whose relevant item it is}.
+  Returns top1_distinct (items ranked first for some user), top1_popularity (mean
+  popularity of the item ranked first) and target_popularity (the same for the
+  relevant item, the reference a calibrated ranker moves towards).
+  """
+  keys = ("prompt", "prompt_mask", "cand_tokens", "pool_mask")
+  n = arrays["prompt"].shape[0]
+  sample = jax.jit(rollout.sample, static_argnames=("cfg", "layout", "group_size", "greedy"))
+  firsts = []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    batch = {k: jnp.asarray(arrays[k][idx]) for k in keys}
+    ro = sample(params, batch, jax.random.key(0), cfg=cfg, layout=layout, group_size=1,
+                greedy=True)
+    slot = np.asarray(ro.ranking)[:, 0, 0]
+    firsts.append(arrays["cand_tokens"][idx, slot])
+  firsts = np.concatenate(firsts)
+  targets = arrays["cand_tokens"][np.arange(n), np.argmax(arrays["relevance"], axis=1)]
+  pop = lambda items: float(np.mean([popularity.get(int(t), 0.0) for t in items]))
+  return {"top1_distinct": int(len(np.unique(firsts))), "top1_popularity": pop(firsts),
+          "target_popularity": pop(targets)}
+
+
+def target_popularity(train_arrays) -> dict:
+  """{item token: share of training examples whose (most) relevant item it is}."""
+  rel = train_arrays["relevance"]
+  targets = train_arrays["cand_tokens"][np.arange(rel.shape[0]), np.argmax(rel, axis=1)]
+  tokens, counts = np.unique(targets, return_counts=True)
+  return {int(t): c / rel.shape[0] for t, c in zip(tokens, counts)}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,6 +104,7 @@ def main(argv=None):
   cfg = train.model_config(config, task.vocab_size)
   settings = train.RLSettings.from_config(config)
   init = llama.init_params(cfg, jax.random.key(0))  # the checkpoint's layout
+  popularity = target_popularity(task.splits["train"])
   for workdir in a.workdirs.split(","):
     stage, params = train.latest_checkpoint(workdir, config, init)
     if params is None:
@@ -78,10 +113,11 @@ def main(argv=None):
     greedy = evaluate.evaluate_model(params, val, cfg=cfg, layout=layout, batch_size=250)
     r_gen, r_rank = sampled_rewards(params, val, cfg=cfg, layout=layout, settings=settings,
                                     group_size=config.rollout.group_size, batch_size=250)
+    profile = top1_profile(params, val, popularity, cfg=cfg, layout=layout, batch_size=250)
     print(json.dumps({"workdir": workdir, "stage": stage, "greedy_hit@1": greedy["hit@1"],
                       "greedy_ndcg@5": greedy["ndcg@5"],
                       "greedy_rank_drop_given_hit": greedy["rank_drop_given_hit"],
-                      "sampled_R_gen": r_gen, "sampled_R_rank": r_rank}))
+                      "sampled_R_gen": r_gen, "sampled_R_rank": r_rank, **profile}))
 
 
 if __name__ == "__main__":

