@@ -92,7 +92,8 @@ def get_config(arg=None):
 
   c.reward = ml_collections.ConfigDict()
   c.reward.coverage = "recall"  # R_gen: recall | f1
-  c.reward.rank_metric = "ndcg"  # R_rank: ndcg | hit | mrr (over the m ranked)
+  c.reward.rank_metric = "ndcg"  # R_rank: ndcg | hit | mrr (over the first rank_k ranked)
+  c.reward.rank_k = 0  # cut-off of R_rank (0 = all m ranked; 1 with hit: R_rank = hit@1)
   c.reward.gain = "exp"  # NDCG gain for graded relevance: exp (2^rel-1) | linear
   c.reward.lam = 1.0  # lambda: weight of the rank phase (F-GRPO) / of R_rank (GRPO)
   c.reward.advantage = "mean"  # group advantage: mean (Dr. GRPO) | std | rloo

@@ -70,6 +70,10 @@ def validate_config(config, pool_size: int | None = None):
                       "need at least 2 rollouts per prompt")
   if r.slate_size < 1:
     raise ConfigError(f"config.rollout.slate_size={r.slate_size} must be at least 1")
+  rank_k = config.reward.rank_k
+  if not 0 <= rank_k <= r.rank_size:
+    raise ConfigError(f"config.reward.rank_k={rank_k} must be between 0 (all ranked) and "
+                      f"config.rollout.rank_size={r.rank_size}")
   if r.rank_size < 1 or r.rank_size > r.slate_size:
     raise ConfigError(f"config.rollout.rank_size={r.rank_size} must be between 1 and "
                       f"config.rollout.slate_size={r.slate_size}")
@@ -289,6 +293,7 @@ class RLSettings:
   grad_accum: int = 1  # microbatches per gradient (config.optim.grad_accum)
   loss_norm: str = "phase"  # phase: mean(slate) + lam*mean(rank) | joint: one mean, rank x lam
   rank_ideal: str = "pool"  # R_rank's ideal DCG over the pool | the rollout's own slate
+  rank_k: int = 0  # R_rank's cut-off: the first rank_k ranked items (0 = all m)
 
   @classmethod
   def from_config(cls, config):
@@ -299,6 +304,7 @@ class RLSettings:
                lam=config.reward.lam, advantage=config.reward.advantage,
                inner_steps=rl.inner_steps, format_penalty=config.reward.format_penalty,
                loss_norm=rl.loss_norm, rank_ideal=config.reward.rank_ideal,
+               rank_k=config.reward.rank_k,
                loss=objectives.PolicyLossConfig(
                    eps_low=rl.eps_low, eps_high=rl.eps_high, ratio=rl.ratio,
                    kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator),
@@ -478,7 +484,8 @@ def rollout_rewards(ro: rollout_lib.Rollout, relevance, s: RLSettings, rank_size
   """
   rel = relevance[:, None]
   r_gen, r_rank = R.phase_rewards(ro.slate, ro.ranking, rel, coverage_mode=s.coverage,
-                                  rank_metric=s.rank_metric, rank_k=rank_size, gain=s.gain,
+                                  rank_metric=s.rank_metric, rank_k=s.rank_k or rank_size,
+                                  gain=s.gain,
                                   rank_ideal=s.rank_ideal)
   pen_gen, pen_rank = parse_lib.phase_penalties(ro.errors, s.format_penalty)
   rank_ok = (R.rank_defined(ro.slate, rel) if s.rank_ideal == "slate"

@@ -19,8 +19,12 @@ fi
 # continuation (is there headroom?), the rate, the sampling temperature, more
 # samples per prompt at the same budget, more prompts per update (4x the budget:
 # is the loss noise?), the advantage's normalisation, a KL anchor, the number of
-# updates per batch, GRPO, the slate-relative R_rank.
+# updates per batch, GRPO, the slate-relative R_rank; then R_rank as the reported
+# metric itself (hit@1) and as MRR (added once the first runs showed greedy ndcg@5
+# holding while hit@1 fell).
 SETTINGS=(
+  "reward_hit1 --config.reward.rank_metric=hit --config.reward.rank_k=1"
+  "reward_mrr --config.reward.rank_metric=mrr"
   "sft_continuation --config.algorithm=sft"
   "lr_1e-4 --config.rl.lr=1e-4"
   "temperature_0.7 --config.rollout.temperature=0.7"

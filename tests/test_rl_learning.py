@@ -25,6 +25,7 @@ import pytest
 
 from configs import recsys
 from fgrpo_jax import objectives
+from fgrpo_jax import parse
 from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout
 from fgrpo_jax import train
@@ -291,3 +292,41 @@ def test_group_diagnostics_match_numpy():
   corrs = [np.corrcoef(g, r)[0, 1] for g, r in zip(r_gen, r_rank) if g.std() > 0 and r.std() > 0]
   np.testing.assert_allclose(d["reward_corr"], np.mean(corrs), rtol=1e-4)
   assert float(d["corr_groups"]) == pytest.approx(len(corrs) / 6)
+
+
+@pytest.mark.parametrize("rank_metric,rank_k", [("hit", 1), ("ndcg", 2), ("mrr", 0)])
+def test_rank_reward_cut_off_matches_plain_python(rank_metric, rank_k):
+  """reward.rank_k: R_rank counts only the first rank_k ranked items (0 = all m)."""
+  rng = np.random.default_rng(5)
+  B, C, k, m = 4, 9, 5, 3
+  slates = np.stack([np.stack([rng.permutation(C)[:k] for _ in range(G)]) for _ in range(B)])
+  rankings = np.stack([np.stack([rng.permutation(s)[:m] for s in row]) for row in slates])
+  relevance = (rng.random((B, C)) < 0.3).astype(np.float32)
+  relevance[:, 0] = 1.0  # every pool has a relevant item
+  ro = rollout.Rollout(tokens=None, choices=None, phase_ids=None, logprobs=None,
+                       slate=jnp.asarray(slates), ranking=jnp.asarray(rankings),
+                       errors={n: jnp.zeros((B, G), bool) for n in parse.ERRORS})
+  s = dataclasses.replace(_settings("fgrpo", rank_k=rank_k), rank_metric=rank_metric)
+  _, r_rank, _ = train.rollout_rewards(ro, jnp.asarray(relevance), s, m)
+  cut = rank_k or m
+
+  def plain(ranking, rel):
+    top = [int(i) for i in ranking[:cut]]
+    if rank_metric == "hit":
+      return float(any(rel[i] > 0 for i in top))
+    if rank_metric == "mrr":
+      return next((1.0 / (p + 1) for p, i in enumerate(top) if rel[i] > 0), 0.0)
+    dcg = sum((2 ** rel[i] - 1) / np.log2(p + 2) for p, i in enumerate(top))
+    ideal = sorted(rel, reverse=True)[:cut]
+    return dcg / sum((2 ** g - 1) / np.log2(p + 2) for p, g in enumerate(ideal))
+
+  want = [[plain(rankings[b, g], relevance[b]) for g in range(G)] for b in range(B)]
+  np.testing.assert_allclose(np.asarray(r_rank), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [-1, 6])
+def test_rank_cut_off_beyond_the_ranking_is_a_config_error(value):
+  c = recsys.get_config("tiny")
+  c.reward.rank_k = value
+  with pytest.raises(train.ConfigError, match=r"^config.reward.rank_k="):
+    train.validate_config(c)
