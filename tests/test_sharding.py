@@ -407,6 +407,16 @@ def test_param_specs_for_qwen3_5():
   assert specs["attn"]["q_proj"] == P(None, "fsdp", "tensor")
   assert specs["attn"]["o_proj"] == P(None, "tensor", "fsdp")
   assert specs["layers"]["gate_proj"] == P(None, "fsdp", "tensor")
+  # LoRA adapters of every target: lora_a @ lora_b lands in its kernel's layout.
+  from fgrpo_jax.models import lora
+  lcfg = lora.LoraConfig(2, 1.0, tuple(lora.TARGETS))
+  adapters = sharding.param_specs(lora.adapter_shapes(cfg, lcfg), {"data": 1, "fsdp": 4,
+                                                                     "tensor": 2})
+  for group, targeted in adapters.items():
+    for t, spec in targeted.items():
+      _, fsdp_or_tensor_in, fsdp_or_tensor_out = specs[group][t]
+      assert spec["lora_a"] == P(None, fsdp_or_tensor_in), (group, t)
+      assert spec["lora_b"] == P(None, None, fsdp_or_tensor_out), (group, t)
 
 
 def test_opt_state_shardings_follow_params():
