@@ -39,6 +39,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
   sys.path.insert(0, REPO)
   from fgrpo_jax.models import llama
+from fgrpo_jax.models.decoders import decoder
 from fgrpo_jax import rollout as rollout_lib
 from fgrpo_jax.data import prompts as prompts_lib
 
@@ -49,6 +50,10 @@ PROMPT_TAGS = 4  # <bos> <hist> <pool> <slate>
 
 DEFAULTS = dict(layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64, mlp=768, vocab=1000,
                 prompts=4, group=8, prompt_len=64, pool=20, slate=10, rank=5, seed=0)
+ARCHS = ("llama", "qwen3_5")
+QWEN3_5_DEFAULTS = dict(linear_key_heads=2, linear_value_heads=4, linear_head_dim=64,
+                        chunk_size=64)
+FULL_ATTENTION_INTERVAL = 4  # qwen3_5: layer i is attention when (i + 1) % 4 == 0
 
 
 # ----------------------------------------------------------------------------
@@ -66,6 +71,18 @@ def add_workload_flags(p: argparse.ArgumentParser, repeats: int = 10) -> None:
   g.add_argument("--head-dim", type=int, default=d["head_dim"], help="per-head width D")
   g.add_argument("--mlp", type=int, default=d["mlp"], help="SwiGLU inner width F")
   g.add_argument("--vocab", type=int, default=d["vocab"], help="vocabulary size V")
+  g.add_argument("--arch", choices=ARCHS, default="llama",
+                 help="llama, or qwen3_5: every 4th layer gated attention (H, K, D as above), "
+                      "the others Gated DeltaNet (the next four flags)")
+  g.add_argument("--linear-key-heads", type=int, default=QWEN3_5_DEFAULTS["linear_key_heads"],
+                 help="qwen3_5: DeltaNet key heads Hk")
+  g.add_argument("--linear-value-heads", type=int,
+                 default=QWEN3_5_DEFAULTS["linear_value_heads"],
+                 help="qwen3_5: DeltaNet value heads Hv (a multiple of Hk)")
+  g.add_argument("--linear-head-dim", type=int, default=QWEN3_5_DEFAULTS["linear_head_dim"],
+                 help="qwen3_5: DeltaNet key and value head width")
+  g.add_argument("--chunk-size", type=int, default=QWEN3_5_DEFAULTS["chunk_size"],
+                 help="qwen3_5: tokens per chunk of the DeltaNet's chunked (prefill/training) form")
   g = p.add_argument_group("workload")
   g.add_argument("--prompts", type=int, default=d["prompts"], help="prompts per batch B")
   g.add_argument("--group", type=int, default=d["group"], help="rollouts per prompt G")
@@ -101,6 +118,10 @@ def check_workload(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             f"({a.pool + PROMPT_TAGS}): the prompt holds the pool and 4 tags")
   if a.vocab < ITEM_OFFSET + a.pool:
     p.error(f"--vocab ({a.vocab}) must be >= {ITEM_OFFSET} special tokens + --pool ({a.pool})")
+  try:
+    model_config(a)
+  except ValueError as e:  # e.g. DeltaNet value heads not a multiple of key heads
+    p.error(str(e))
 
 
 # ----------------------------------------------------------------------------
@@ -108,9 +129,23 @@ def check_workload(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def model_config(a) -> llama.ModelConfig:
-  return llama.ModelConfig(vocab_size=a.vocab, num_layers=a.layers, hidden=a.hidden,
-                           num_heads=a.heads, num_kv_heads=a.kv_heads, head_dim=a.head_dim,
-                           mlp_hidden=a.mlp, tie_embeddings=False, dtype="float32")
+  sizes = dict(vocab_size=a.vocab, num_layers=a.layers, hidden=a.hidden, num_heads=a.heads,
+               num_kv_heads=a.kv_heads, head_dim=a.head_dim, mlp_hidden=a.mlp,
+               tie_embeddings=False, dtype="float32")
+  if getattr(a, "arch", "llama") == "llama":
+    return llama.ModelConfig(**sizes)
+  types = tuple("full_attention" if (i + 1) % FULL_ATTENTION_INTERVAL == 0 else
+                "linear_attention" for i in range(a.layers))
+  return llama.ModelConfig(
+      **sizes, arch="qwen3_5", qk_norm=True, partial_rotary_factor=0.25, layer_types=types,
+      linear_num_key_heads=a.linear_key_heads, linear_num_value_heads=a.linear_value_heads,
+      linear_key_head_dim=a.linear_head_dim, linear_value_head_dim=a.linear_head_dim,
+      chunk_size=a.chunk_size)
+
+
+def init_params(cfg: llama.ModelConfig, seed: int):
+  """Random float32 weights of cfg's decoder (llama.py or qwen3_5.py)."""
+  return decoder(cfg).init_params(cfg, jax.random.key(seed))
 
 
 def layout(slate: int, rank: int) -> rollout_lib.Layout:
@@ -236,13 +271,34 @@ def best_peak(*peaks: dict[str, float]) -> dict[str, float]:
 # attention over all key slots of its buffers (masked ones included).
 
 
+def _attention_fraction(cfg: llama.ModelConfig) -> float:
+  """The share of layers that attend over keys (all of a Llama's)."""
+  if cfg.arch == "llama":
+    return 1.0
+  return sum(t == "full_attention" for t in cfg.layer_types) / cfg.num_layers
+
+
 def _dense_per_token(cfg: llama.ModelConfig) -> float:
+  """Per layer (the mean over layers) and token: projections, MLP and, for a Qwen3.5's
+  DeltaNet layers, their conv and recurrent state update (k.S, the rank-1 write, q.S:
+  3 x Hv*Dk*Dv multiply-adds; the chunked form's in-chunk matmuls are not counted)."""
   h, H, K, D, F = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_hidden
-  return 2.0 * (h * H * D + 2 * h * K * D + H * D * h + 3 * h * F)
+  gate = 2 if cfg.attn_output_gate else 1  # a Qwen3.5's q_proj also emits the output gate
+  attention = h * gate * H * D + 2 * h * K * D + H * D * h
+  mlp = 3 * h * F
+  frac = _attention_fraction(cfg)
+  if frac == 1.0:
+    return 2.0 * (attention + mlp)
+  Hv, Dk, Dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+  channels = 2 * cfg.linear_num_key_heads * Dk + Hv * Dv
+  deltanet = (h * channels + h * Hv * Dv + 2 * h * Hv + Hv * Dv * h
+              + cfg.linear_conv_kernel * channels + 3 * Hv * Dk * Dv)
+  return 2.0 * (frac * attention + (1 - frac) * deltanet + mlp)
 
 
 def _attn_per_pair(cfg: llama.ModelConfig) -> float:
-  return 4.0 * cfg.num_heads * cfg.head_dim  # q.k and p.v
+  """q.k and p.v per (query, key) pair, per layer (the mean over layers)."""
+  return 4.0 * cfg.num_heads * cfg.head_dim * _attention_fraction(cfg)
 
 
 def _head(cfg, columns: int | None) -> float:
@@ -354,7 +410,11 @@ def meta(extra_versions: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def workload_dict(a) -> dict[str, Any]:
-  return {k: getattr(a, k) for k in DEFAULTS}
+  out = {k: getattr(a, k) for k in DEFAULTS}
+  out["arch"] = getattr(a, "arch", "llama")
+  if out["arch"] == "qwen3_5":
+    out.update({k: getattr(a, k) for k in QWEN3_5_DEFAULTS})
+  return out
 
 
 def header(title: str, m: dict[str, Any], a=None) -> str:
@@ -364,7 +424,10 @@ def header(title: str, m: dict[str, Any], a=None) -> str:
            f"1-min load average {m['load_avg_1m']}",
            v]
   if a is not None:
-    lines.append(f"model: L={a.layers} hidden={a.hidden} H={a.heads} K={a.kv_heads} "
+    arch = ("" if getattr(a, "arch", "llama") == "llama" else
+            f"qwen3_5 (DeltaNet Hk={a.linear_key_heads} Hv={a.linear_value_heads} "
+            f"Dk=Dv={a.linear_head_dim} chunk={a.chunk_size}; every 4th layer attention) ")
+    lines.append(f"model: {arch}L={a.layers} hidden={a.hidden} H={a.heads} K={a.kv_heads} "
                  f"D={a.head_dim} F={a.mlp} V={a.vocab} (float32, random weights) | "
                  f"workload: B={a.prompts} G={a.group} P={a.prompt_len} C={a.pool} "
                  f"k={a.slate} m={a.rank} | median of {a.repeats} after warm-up")

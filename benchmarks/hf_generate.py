@@ -87,6 +87,8 @@ def main(argv=None) -> int:
   common.add_workload_flags(p, repeats=5)
   a = p.parse_args(argv)
   common.check_workload(p, a)
+  if a.arch != "llama":
+    p.error("--arch: hf_generate.py compares the Llama model only (LlamaForCausalLM)")
   try:
     import torch
     import transformers

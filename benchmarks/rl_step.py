@@ -17,7 +17,7 @@ step (so all four see the same share of a shared machine):
              clipped surrogate, gradient, AdamW)
 
 --train-forward adds the prefix-sharing comparison of the training forward:
-`llama.completion_logits` (prompt computed once per group) against `llama.forward`
+`completion_logits` (prompt computed once per group) against `forward`
 on the G-times-repeated [B*G, P+T] sequences, forward+backward of the same
 completion-token cross-entropy, timed and counted in FLOPs.
 
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
-from common import llama, rollout_lib  # noqa: E402
+from common import decoder, llama, rollout_lib  # noqa: E402
 from fgrpo_jax import train  # noqa: E402
 
 
@@ -78,21 +78,21 @@ def _completion_ce(logits, completion):
 def shared_fwd_bwd(params, prompt, prompt_mask, completion, *, cfg):
   """completion_logits: B prompts once, G completions attend to them. completion [B, G, T]."""
   def loss(p):
-    return _completion_ce(llama.completion_logits(p, prompt, prompt_mask, completion, cfg),
+    return _completion_ce(decoder(cfg).completion_logits(p, prompt, prompt_mask, completion, cfg),
                           completion)
   return jax.value_and_grad(loss)(params)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def naive_fwd_bwd(params, prompt, prompt_mask, completion, *, cfg):
-  """llama.forward on [B*G, P+T]: each completion with its own copy of the prompt."""
+  """The decoder's forward on [B*G, P+T]: each completion with its own copy of the prompt."""
   B, G, T = completion.shape
   P = prompt.shape[1]
   seq = jnp.concatenate([jnp.repeat(prompt, G, 0), completion.reshape(B * G, T)], axis=1)
   mask = jnp.concatenate([jnp.repeat(prompt_mask, G, 0), jnp.ones((B * G, T), bool)], axis=1)
 
   def loss(p):
-    logits = llama.forward(p, seq, cfg, mask)[:, P - 1:P + T - 1]  # predicts completion t
+    logits = decoder(cfg).forward(p, seq, cfg, mask)[:, P - 1:P + T - 1]  # predicts completion t
     return _completion_ce(logits.reshape(B, G, T, -1), completion)
   return jax.value_and_grad(loss)(params)
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
   settings = train.RLSettings.from_config(config)
   optimizer = train.make_optimizer(config.optim, config.rl.lr,
                                    config.rl.steps * config.rl.inner_steps)
-  params = llama.init_params(cfg, jax.random.key(a.seed))
+  params = common.init_params(cfg, a.seed)
   batch = common.device_batch(common.make_batch(a.prompts, a.prompt_len, a.pool, a.vocab,
                                                 a.seed, relevance=True))
   mb = common.model_batch(batch)
@@ -262,8 +262,8 @@ def main(argv=None) -> int:
     rows = [[f"{name}", r["seconds_fwd_bwd"] * 1e3, r["seconds_min"] * 1e3,
              common.gflops(r["flops_fwd_bwd"]), common.gflops(r["flops_per_s"]),
              pct(r["peak_fraction"]), r["compile_s"]]
-            for name, r in (("shared prefix (llama.completion_logits)", tf["shared"]),
-                            ("repeated prompts (llama.forward [B*G, P+T])", tf["naive"]))]
+            for name, r in (("shared prefix (completion_logits)", tf["shared"]),
+                            ("repeated prompts (forward [B*G, P+T])", tf["naive"]))]
     print(common.table(["training forward + backward", "ms (median)", "ms (best)", "GFLOP",
                         "GFLOP/s", "% peak", "compile s"], rows,
                        "Training forward: prefix sharing"))

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
-from common import llama, rollout_lib  # noqa: E402
+from common import decoder, llama, rollout_lib  # noqa: E402
 
 SWEEPS = {
     "group": [2, 4, 8, 16, 32],
@@ -54,8 +54,8 @@ def _masked_logprobs(slot_logits, allowed, temperature):
 def naive_sample(params, batch, key, *, cfg: llama.ModelConfig, layout: rollout_lib.Layout,
                  group_size: int, temperature: float = 1.0):
   """`rollout.sample` without prefix sharing: the prompt is repeated G times,
-  `llama.prefill` runs on all B*G copies and each sequence decodes against its
-  own prefix cache (`llama.decode_step` with G=1 views [B*G, 1]).
+  the decoder's `prefill` runs on all B*G copies and each sequence decodes against
+  its own prefix cache (`decode_step` with G=1 views [B*G, 1]).
 
   Same schedule and constraints as rollout.sample; with the same key it draws the
   same Gumbel noise (a [B*G, 1, C] array is laid out like [B, G, C]), so the
@@ -69,8 +69,9 @@ def naive_sample(params, batch, key, *, cfg: llama.ModelConfig, layout: rollout_
   cand = rep(batch["cand_tokens"])[:, None]  # [N, 1, C]
   pool = rep(batch["pool_mask"])[:, None].astype(bool)
   cols = rep(batch["cand_tokens"])  # only the candidates' logits, as rollout.sample
-  first_logits, prefix = llama.prefill(params, prompt, cfg, prompt_mask, columns=cols)
-  cache = llama.init_decode_cache(cfg, N, 1, T)
+  model = decoder(cfg)
+  first_logits, prefix = model.prefill(params, prompt, cfg, prompt_mask, columns=cols)
+  cache = model.init_decode_cache(cfg, N, 1, T, prefix)
   kinds = jnp.asarray(layout.kinds)
   forced = jnp.asarray(layout.forced_tokens)
 
@@ -92,7 +93,7 @@ def naive_sample(params, batch, key, *, cfg: llama.ModelConfig, layout: rollout_
   def step(carry, t):
     logits, cache, in_slate, ranked = carry
     token, choice, lp, in_slate, ranked = choose(t, logits, in_slate, ranked)
-    logits, cache = llama.decode_step(params, prefix, cache, token, t, cfg,
+    logits, cache = model.decode_step(params, prefix, cache, token, t, cfg,
                                       columns=cols)  # token [N, 1]
     return (logits, cache, in_slate, ranked), (token, choice, lp)
 
@@ -128,7 +129,7 @@ def _setup(a, params=None):
   cfg = common.model_config(a)
   lay = common.layout(a.slate, a.rank)
   if params is None:
-    params = llama.init_params(cfg, jax.random.key(a.seed))
+    params = common.init_params(cfg, a.seed)
   batch = common.device_batch(common.model_batch(common.make_batch(
       a.prompts, a.prompt_len, a.pool, a.vocab, a.seed)))
   return cfg, lay, params, batch, jax.random.key(a.seed + 1)
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
   m = common.meta()
   peak_before = common.matmul_peak(a.peak_size)
   cfg = common.model_config(a)
-  params = llama.init_params(cfg, jax.random.key(a.seed))
+  params = common.init_params(cfg, a.seed)
   res = measure(a, a.repeats, naive=a.naive_prefill, params=params)
   shared = res["shared"]
   swept = {name: sweep(a, name, a.sweep_repeats, values) for name in sweeps}

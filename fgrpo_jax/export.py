@@ -18,7 +18,8 @@ them), restores the most advanced stage checkpoint of the workdir (as
                                              not to the merged weights next to them
 
 A decoupled pair is written as OUT/selector and OUT/ranker. The architecture is the
-hf_checkpoint's (Llama, Qwen2 or Qwen3), else LlamaForCausalLM. Runs on one process.
+hf_checkpoint's (Llama, Qwen2, Qwen3, or Qwen3.5 written as Qwen3_5ForCausalLM),
+else LlamaForCausalLM (Qwen3 / Qwen2 for q/k norm / qkv bias). Runs on one process.
 
 OUT is replaced as a whole: everything is written to a hidden sibling directory that
 is renamed onto OUT only when complete. Because replacing deletes what was there,
@@ -166,7 +167,7 @@ def export_run(workdir, out, *, dtype=None, overwrite=False, log=print) -> Path:
                                         indent=2) + "\n")
       if lcfg is not None:
         lora_lib.save_adapters(jax.device_get(trainable), lcfg, role_dir / "adapter",
-                               base_model=path)
+                               base_model=path, cfg=cfg)
     hf.replace_dir(staged, target)
   finally:
     shutil.rmtree(staging, ignore_errors=True)

@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fgrpo_jax.errors import UserError
-from fgrpo_jax.models import llama
+from fgrpo_jax.models import llama, qwen3_5
 from fgrpo_jax.models.decoders import decoder
 
 AXES = ("data", "fsdp", "tensor")
@@ -62,10 +62,13 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
     (r"linear/out_proj", P(None, "tensor", "fsdp")),
     # LoRA adapters (models/lora.py): lora_a [L, in, r], lora_b [L, r, out] split like
     # the kernel's in / out sides, so lora_a @ lora_b lands in the kernel's layout.
-    (r"layers/(q|k|v|gate|up)_proj/lora_a", P(None, "fsdp")),
-    (r"layers/(q|k|v|gate|up)_proj/lora_b", P(None, None, "tensor")),
-    (r"layers/(o|down)_proj/lora_a", P(None, "tensor")),
-    (r"layers/(o|down)_proj/lora_b", P(None, None, "fsdp")),
+    # (Qwen3.5's attn/ and linear/ kernels likewise.)
+    (r"(layers|attn)/(q|k|v|gate|up)_proj/lora_a|linear/in_proj_(qkv|z|a|b)/lora_a",
+     P(None, "fsdp")),
+    (r"(layers|attn)/(q|k|v|gate|up)_proj/lora_b|linear/in_proj_(qkv|z|a|b)/lora_b",
+     P(None, None, "tensor")),
+    (r"(layers|attn)/(o|down)_proj/lora_a|linear/out_proj/lora_a", P(None, "tensor")),
+    (r"(layers|attn)/(o|down)_proj/lora_b|linear/out_proj/lora_b", P(None, None, "fsdp")),
     (r".*", P()),  # norms, q/k norms, scalars: replicated (small)
 )
 
@@ -294,24 +297,34 @@ def _cache_spec(ndim: int, batch_dim: int, heads_dim: int) -> P:
 
 
 def cache_shardings(cache, mesh):
-  """Shardings of a llama.PrefixCache or llama.DecodeCache (arrays or shapes).
+  """Shardings of a PrefixCache or DecodeCache of llama.py or qwen3_5.py (arrays or shapes).
 
-  Batch over ("data", "fsdp"), kv heads over "tensor" when divisible; returns the
-  same NamedTuple type holding NamedShardings.
+  Batch over ("data", "fsdp"), kv heads over "tensor" when divisible; a Qwen3.5's
+  DeltaNet conv window over its channels and recurrent state over its value heads
+  (as the conv and projections split them). Returns the same NamedTuple type holding
+  NamedShardings.
   """
   sizes = _axis_sizes(mesh)
 
   def put(name, x, spec):
     return NamedSharding(mesh, fit_spec(spec, x.shape, sizes, name))
 
-  if isinstance(cache, llama.PrefixCache):  # k/v [L, B, P, K, D], mask [B, P], length [B]
-    kv = _cache_spec(5, 1, 3)
-    return llama.PrefixCache(k=put("prefix/k", cache.k, kv), v=put("prefix/v", cache.v, kv),
-                             mask=put("prefix/mask", cache.mask, P(BATCH_AXES)),
-                             length=put("prefix/length", cache.length, P(BATCH_AXES)))
-  if isinstance(cache, llama.DecodeCache):  # k/v [L, B, G, S, K, D]
-    kv = _cache_spec(6, 1, 4)
-    return llama.DecodeCache(k=put("decode/k", cache.k, kv), v=put("decode/v", cache.v, kv))
+  if isinstance(cache, (llama.PrefixCache, qwen3_5.PrefixCache)):
+    kv = _cache_spec(5, 1, 3)  # k/v [L, B, P, K, D], mask [B, P], length [B]
+    out = dict(k=put("prefix/k", cache.k, kv), v=put("prefix/v", cache.v, kv),
+               mask=put("prefix/mask", cache.mask, P(BATCH_AXES)),
+               length=put("prefix/length", cache.length, P(BATCH_AXES)))
+    if isinstance(cache, qwen3_5.PrefixCache):  # conv [La, B, Kc-1, Cd]; state [La, B, Hv, ..]
+      out.update(conv=put("prefix/conv", cache.conv, _cache_spec(4, 1, 3)),
+                 state=put("prefix/state", cache.state, _cache_spec(5, 1, 2)))
+    return type(cache)(**out)
+  if isinstance(cache, (llama.DecodeCache, qwen3_5.DecodeCache)):
+    kv = _cache_spec(6, 1, 4)  # k/v [L, B, G, S, K, D]
+    out = dict(k=put("decode/k", cache.k, kv), v=put("decode/v", cache.v, kv))
+    if isinstance(cache, qwen3_5.DecodeCache):  # conv [La, B, G, Kc-1, Cd]; state [La, B, G, Hv, ..]
+      out.update(conv=put("decode/conv", cache.conv, _cache_spec(5, 1, 4)),
+                 state=put("decode/state", cache.state, _cache_spec(6, 1, 3)))
+    return type(cache)(**out)
   raise TypeError(f"cache_shardings expects a PrefixCache or DecodeCache, got {type(cache)}")
 
 

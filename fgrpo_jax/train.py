@@ -228,6 +228,10 @@ def build_model(config, vocab_size: int, mesh, log=print):
   lcfg = lora_lib.config_from_model_config(config.model)
   if lcfg is None:
     return cfg, base, None
+  try:
+    lora_lib.adapter_shapes(cfg, lcfg)
+  except ValueError as e:  # a target this architecture lacks (in_proj_qkv of a Llama)
+    raise ConfigError(f"config.model.lora_targets={config.model.lora_targets!r}: {e}") from None
   # Adapters are small: created whole, then split by their partition rules.
   adapters = sharding.shard_params(lora_lib.init_adapters(cfg, lcfg, jax.random.fold_in(key, 1)),
                                    mesh)

@@ -39,6 +39,11 @@ THEN = {
     "sweep": ["rollout.py", *TINY, "--repeats", "1", "--sweep", "group", "--sweep-values", "2,3",
               "--sweep-repeats", "1"],
     "hf_generate": ["hf_generate.py", *TINY, "--json"],
+    # Qwen3.5 (every 4th layer attention, the others Gated DeltaNet): 2 layers = 2 DeltaNet.
+    "rollout_qwen3_5": ["rollout.py", *TINY, "--layers", "4", "--arch", "qwen3_5",
+                        "--linear-key-heads", "1", "--linear-value-heads", "2",
+                        "--linear-head-dim", "8", "--chunk-size", "8", "--naive-prefill",
+                        "--json"],
 }
 TIMEOUT = 600
 
@@ -163,6 +168,33 @@ def test_analytic_flops():
   assert common.full_forward_flops(cfg, 12, 29) > common.completion_forward_flops(cfg, 3, 4, 20, 9)
 
 
+def test_analytic_flops_qwen3_5():
+  """Per token of a 4-layer Qwen3.5 (3 DeltaNet + 1 gated attention) with one key: the
+  attention layer's projections (q_proj twice as wide: the gate) and q.k, p.v; each
+  DeltaNet layer's projections, conv and state update; every layer's MLP."""
+  common = _common()
+  a = common.argparse.Namespace(**{**common.DEFAULTS, **common.QWEN3_5_DEFAULTS, "arch": "qwen3_5",
+                                   "layers": 4, "hidden": 32, "heads": 2, "kv_heads": 1,
+                                   "head_dim": 16, "mlp": 64, "vocab": 60,
+                                   "linear_key_heads": 1, "linear_value_heads": 2,
+                                   "linear_head_dim": 8})
+  cfg = common.model_config(a)
+  assert cfg.layer_types == ("linear_attention",) * 3 + ("full_attention",)
+  attention = 2 * (32 * 2 * 32 + 2 * 32 * 16 + 32 * 32) + 4 * 2 * 16
+  channels = 2 * 8 + 2 * 8
+  deltanet = 2 * (32 * channels + 32 * 16 + 2 * 32 * 2 + 16 * 32 + 4 * channels + 3 * 2 * 8 * 8)
+  mlp = 2 * 3 * 32 * 64
+  expected = attention + 3 * deltanet + 4 * mlp + 2 * 32 * 60
+  assert math.isclose(common.prefill_flops(cfg, 1, 1), expected)
+
+
+def test_qwen3_5_flag_errors_are_one_line():
+  p = subprocess.run([sys.executable, str(BENCH / "rl_step.py"), "--arch", "qwen3_5",
+                      "--linear-key-heads", "3"], cwd=REPO, env=_env(), capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 2 and "linear_num_value_heads" in p.stderr.splitlines()[-1]
+
+
 def test_hf_generate_without_torch_exits_cleanly():
   code = ("import sys, runpy; sys.modules['torch'] = None; "
           f"sys.argv = ['hf_generate.py', *{TINY!r}]; "
@@ -220,6 +252,16 @@ def test_rl_step_json(runs):
   assert tf["flops_ratio"] > 1
   # completion_logits (shared prefix) and forward on repeated prompts: same loss and grads.
   assert tf["loss_abs_diff"] < 1e-5 and tf["grad_max_abs_diff"] < 1e-5
+
+
+def test_rollout_json_qwen3_5(runs):
+  """--arch qwen3_5: the contract line, and the naive sampler (each of the B*G sequences
+  with its own prefilled prompt state) draws exactly what the shared-prefix one does."""
+  d = _json_line(runs("rollout_qwen3_5"))
+  _positive(d, "prompts_per_s", "generated_tokens_per_s", "flops_per_s")
+  assert d["workload"]["arch"] == "qwen3_5" and d["workload"]["chunk_size"] == 8
+  assert d["layout_length"] == TINY_T and d["naive_same_tokens_frac"] == 1.0
+  assert d["naive_vs_shared_flops_ratio"] > 1
 
 
 def test_hf_generate_json(runs):

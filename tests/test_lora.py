@@ -16,14 +16,14 @@ from jax.sharding import PartitionSpec as P
 
 from configs import recsys
 from fgrpo_jax import export, rollout, sharding, train
-from fgrpo_jax.models import hf, llama
+from fgrpo_jax.models import hf, llama, qwen3_5
 from fgrpo_jax.models import lora
 from fgrpo_jax.models import load_pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = llama.ModelConfig(vocab_size=40, num_layers=2, hidden=16, num_heads=4, num_kv_heads=2,
                         head_dim=8, mlp_hidden=32, init_std=0.2)
-ALL = tuple(lora.TARGETS)
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,6 +160,109 @@ def test_adapters_are_split_like_their_kernels():
     assert specs["layers"][t]["lora_b"] == P(None, None, w[2])
 
 
+# ----------------------------------------------------------------------------
+# Qwen3.5: adapters on the gated attention's and the Gated DeltaNet's projections.
+
+QWEN = llama.ModelConfig(
+    arch="qwen3_5", vocab_size=40, num_layers=3, hidden=16, num_heads=2, num_kv_heads=1,
+    head_dim=8, mlp_hidden=24, qk_norm=True, partial_rotary_factor=0.5,
+    layer_types=("linear_attention", "full_attention", "linear_attention"),
+    linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8,
+    linear_value_head_dim=4, linear_conv_kernel=3, chunk_size=4)
+QWEN_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+QWEN_DELTANET = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+
+
+def _qwen_base():
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(0.0, 0.3, x.shape), jnp.float32),
+                      qwen3_5.param_shapes(QWEN))
+
+
+def _qwen_adapters(targets, seed=1):
+  lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=targets)
+  ad = lora.init_adapters(QWEN, lcfg, jax.random.key(seed))
+  b_keys = iter(jax.random.split(jax.random.key(seed + 1), len(targets)))
+  ad = {g: {t: {**a, "lora_b": 0.3 * jax.random.normal(next(b_keys), a["lora_b"].shape)}
+            for t, a in group.items()} for g, group in ad.items()}
+  return ad, lcfg
+
+
+def test_qwen3_5_adapters_sit_beside_their_kernels_and_only_they_get_gradients():
+  """Each target's adapter is stacked like its kernel (attn/ over the attention layers,
+  linear/ over the DeltaNet layers, layers/ over all); a loss through the adapted model
+  has a non-zero gradient for every adapter and the base is no argument of it."""
+  base = _qwen_base()
+  ad, lcfg = _qwen_adapters(QWEN_ATTN + QWEN_DELTANET + ("up_proj",))
+  assert set(ad) == {"attn", "linear", "layers"}
+  assert set(ad["attn"]) == set(QWEN_ATTN) and set(ad["linear"]) == set(QWEN_DELTANET)
+  for group, targeted in ad.items():
+    for t, a in targeted.items():
+      L, d_in, d_out = base[group][t].shape
+      assert a["lora_a"].shape == (L, d_in, 2) and a["lora_b"].shape == (L, 2, d_out), t
+  assert jax.tree.structure(lora.adapter_shapes(QWEN, lcfg)) == jax.tree.structure(ad)
+  tokens = jax.random.randint(jax.random.key(3), (2, 6), 0, QWEN.vocab_size)
+  frozen = lora.Frozen(base, lcfg.scale)
+  weights = jax.random.normal(jax.random.key(4), (2, 6, QWEN.vocab_size))
+  loss = lambda a: jnp.sum(_forward(lora.model_params(a, frozen), tokens, cfg=QWEN) * weights)
+  grads = jax.jit(jax.grad(loss))(ad)
+  assert jax.tree.structure(grads) == jax.tree.structure(ad)
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    assert float(jnp.abs(g).max()) > 0, sharding.path_name(path)
+  merged = lora.merge(base, ad, lcfg.scale)
+  assert merged["attn"]["q_norm"] is base["attn"]["q_norm"]
+  assert merged["linear"]["conv"] is base["linear"]["conv"]
+  assert merged["layers"]["gate_proj"] is base["layers"]["gate_proj"]
+
+
+def test_qwen3_5_lora_forward_merge_and_export_give_the_same_logits(tmp_path):
+  """The low-rank path in every targeted matmul = the merged weights; the merged model
+  exported as a Qwen3.5 checkpoint reloads to identical logits; the PEFT files number
+  the layers in the whole stack and load back."""
+  base = _qwen_base()
+  ad, lcfg = _qwen_adapters(("q_proj", "o_proj", "in_proj_qkv", "in_proj_b", "out_proj",
+                             "down_proj"))
+  tokens = jax.random.randint(jax.random.key(3), (2, 7), 0, QWEN.vocab_size)
+  low_rank = dict(base)
+  for group, targeted in ad.items():
+    kernels = dict(base[group])
+    for t, a in targeted.items():
+      kernels[t] = _LowRank(base[group][t], a["lora_a"], a["lora_b"], lcfg.scale)
+    low_rank[group] = kernels
+  merged = lora.merge(base, ad, lcfg.scale)
+  logits = np.asarray(_forward(merged, tokens, cfg=QWEN))
+  np.testing.assert_allclose(logits, np.asarray(_forward(low_rank, tokens, cfg=QWEN)),
+                             atol=2e-5, rtol=2e-5)
+  assert np.abs(logits - np.asarray(_forward(base, tokens, cfg=QWEN))).max() > 1e-2
+  out = hf.save_hf_checkpoint(jax.device_get(merged), QWEN, tmp_path / "merged",
+                              architecture="Qwen3_5ForCausalLM")
+  cfg, params = _base(out)
+  assert dataclasses.replace(cfg, chunk_size=QWEN.chunk_size) == QWEN  # a compute setting
+  np.testing.assert_array_equal(np.asarray(_forward(params, tokens, cfg=QWEN)), logits)
+  lora.save_adapters(ad, lcfg, tmp_path / "adapter", cfg=QWEN)
+  from safetensors.numpy import load_file
+  names = set(load_file(tmp_path / "adapter" / lora.ADAPTER_WEIGHTS))
+  prefix = "base_model.model.model.layers"
+  assert f"{prefix}.1.self_attn.q_proj.lora_A.weight" in names
+  assert f"{prefix}.2.linear_attn.in_proj_qkv.lora_B.weight" in names
+  assert f"{prefix}.0.self_attn.q_proj.lora_A.weight" not in names
+  assert f"{prefix}.1.linear_attn.out_proj.lora_A.weight" not in names
+  assert f"{prefix}.2.mlp.down_proj.lora_A.weight" in names
+  loaded, lcfg2 = lora.load_adapters(tmp_path / "adapter", cfg=QWEN)
+  assert lcfg2 == lcfg and jax.tree.structure(loaded) == jax.tree.structure(ad)
+  for a, b in zip(jax.tree.leaves(ad), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_target_the_architecture_lacks_is_one_config_error():
+  c = recsys.get_config("tiny")
+  c.model.update(lora_rank=2, lora_targets="q_proj,in_proj_z")
+  mesh = sharding.make_mesh({"data": -1})
+  with pytest.raises(train.ConfigError, match=r"^config.model.lora_targets='q_proj,in_proj_z': "
+                     r"'in_proj_z': this llama model has no such projection \(it has q_proj, .*down_proj\)$"):
+    train.build_model(c, 68, mesh, log=lambda _: None)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("lora_rank", -1, "config.model.lora_rank=-1"),
     ("lora_alpha", 0.0, "config.model.lora_alpha=0.0"),
@@ -231,7 +334,7 @@ def test_checkpoints_hold_adapters_only_and_resume(lora_run):
     meta = ocp.StandardCheckpointer().metadata(os.path.join(workdir, "ckpt", stage, str(step),
                                                             "params"))
     tree = meta.item_metadata.tree
-    assert set(tree) == {"layers"} and set(tree["layers"]) == set(lora.TARGETS)
+    assert set(tree) == {"layers"} and set(tree["layers"]) == set(ALL)
     assert all(set(v) == {"lora_a", "lora_b"} for v in tree["layers"].values())
     opt = ocp.StandardCheckpointer().metadata(os.path.join(
         workdir, "ckpt", stage, str(step), "opt_state")).item_metadata.tree

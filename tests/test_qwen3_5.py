@@ -63,6 +63,26 @@ def test_chunked_delta_rule_equals_recurrent(chunk):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("C", [1, 2, 3, 8, 64])
+def test_unit_lower_inverse_equals_the_exact_inverse(C):
+  """Strictly lower a with entries up to 1 (correlated keys, as in the DeltaNet's
+  chunks): (I + a)^-1 to f32 rounding, also for C not a power of two."""
+  a = jax.random.uniform(jax.random.key(C), (3, 2, C, C), minval=-0.3, maxval=1.0)
+  a = jnp.tril(a, -1)
+  exact = np.linalg.inv(np.eye(C) + np.asarray(a, np.float64))
+  np.testing.assert_allclose(qwen3_5.unit_lower_inverse(a), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_delta_rule_compiles_to_no_library_call():
+  """The chunked form and its gradient are plain XLA ops: no custom call (jaxlib
+  0.10.2's CPU LAPACK triangular solve deadlocked the 2-thread intra-op pool of a
+  2-core machine when two ran at once: a Qwen3.5 training run hung idle)."""
+  args = _inputs(0, T=20)
+  loss = lambda *a: jnp.sum(qwen3_5.chunked_delta_rule(*a, 8)[0])
+  hlo = jax.jit(jax.value_and_grad(loss, argnums=range(6))).lower(*args).compile().as_text()
+  assert "custom-call" not in hlo
+
+
 def test_delta_rule_recalls_what_it_stored():
   """The rule's defining property: with beta = 1 and no decay, writing v under key k and
   reading with q = k returns v (the old association of k is replaced, not added to)."""

@@ -8,7 +8,10 @@ the differences as JSON. The pure spec/mesh logic is tested in-process.
 Checked on meshes data=8, fsdp=8, fsdp=4 x tensor=2, data=2 x fsdp=2 x tensor=2
 against one device: SFT and RL (clipped surrogate) losses and gradients, greedy
 rollouts, the parameter layout; on one mesh also a `train.rl_step` on a sharded
-TrainState, the sharded init and the KV-cache layout.
+TrainState, the sharded init and the KV-cache layout. A second worker run does the
+same for a Qwen3.5 (a Gated DeltaNet and a gated-attention layer) on the two meshes
+that split heads (fsdp4_tensor2, data2_fsdp2_tensor2), its conv window and recurrent
+state included in the cache layout.
 
 Tolerances (float32; sharding reorders reductions): losses 1e-5 relative + 1e-6
 absolute; gradients elementwise 1e-4 relative + 1e-5 absolute (the largest
@@ -39,6 +42,7 @@ GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5
 METRIC_RTOL, METRIC_ATOL = 1e-4, 1e-5
 RL_STEP_MESH = "data2_fsdp2_tensor2"  # the mesh that also runs train.rl_step
 INIT_MESH = "fsdp4_tensor2"  # the mesh that also checks sharded init and KV-cache layout
+QWEN3_5_MESHES = (INIT_MESH, RL_STEP_MESH)  # the Qwen3.5 run's meshes
 # Faster XLA:CPU compiles (the run is compile-bound); same flags for 1 and 8 devices.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
@@ -47,7 +51,22 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 # The subprocess (8 fake CPU devices).
 
 
-def _worker(out_path: str) -> None:
+def _model_config(arch: str):
+  from fgrpo_jax.models import llama
+  if arch == "llama":
+    return llama.ModelConfig(vocab_size=64, num_layers=2, hidden=32, num_heads=4,
+                             num_kv_heads=2, head_dim=8, mlp_hidden=64)
+  # Qwen3.5: a DeltaNet and a gated-attention layer, GQA in both; chunks of 4 tokens, so
+  # the 6-token prompts run two chunks (one padded).
+  return llama.ModelConfig(
+      arch="qwen3_5", vocab_size=64, num_layers=2, hidden=32, num_heads=4, num_kv_heads=2,
+      head_dim=8, mlp_hidden=64, qk_norm=True, partial_rotary_factor=0.5,
+      layer_types=("linear_attention", "full_attention"), linear_num_key_heads=2,
+      linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=4,
+      linear_conv_kernel=3, chunk_size=4)
+
+
+def _worker(out_path: str, arch: str = "llama") -> None:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
   import warnings
@@ -60,12 +79,14 @@ def _worker(out_path: str) -> None:
   from fgrpo_jax import rewards as R
   from fgrpo_jax import rollout as rollout_lib
   from fgrpo_jax.models import llama
+  from fgrpo_jax.models.decoders import decoder
 
   warnings.filterwarnings("ignore", message=".*donat.*")  # CPU does not donate buffers
   assert jax.device_count() == 8, jax.devices()
   t0 = time.time()
-  cfg = llama.ModelConfig(vocab_size=64, num_layers=2, hidden=32, num_heads=4,
-                          num_kv_heads=2, head_dim=8, mlp_hidden=64)
+  cfg = _model_config(arch)
+  model = decoder(cfg)
+  meshes = MESHES if arch == "llama" else {k: MESHES[k] for k in QWEN3_5_MESHES}
   layout = rollout_lib.Layout(slate_size=4, rank_size=2, mid_tags=(60, 61), end_tags=(62,))
   B, P, C, G, T = 8, 6, 8, 4, layout.length
   rng = np.random.default_rng(0)
@@ -99,7 +120,7 @@ def _worker(out_path: str) -> None:
       "adv": np.where(is_choice, rng.normal(0, 1, (B, G, T)), 0).astype(np.float32),
       "old_lp": np.where(is_choice, -1.5 + rng.normal(0, 0.5, (B, G, T)), 0).astype(np.float32),
   }
-  params0 = llama.init_params(cfg, jax.random.key(0))
+  params0 = model.init_params(cfg, jax.random.key(0))
   # Larger weights than the init, so attention and gradients are far from trivial.
   params0 = jax.device_get(jax.tree.map(lambda p: p * 4.0 if p.ndim > 1 else p, params0))
   key = jax.random.key(1)
@@ -170,7 +191,7 @@ def _worker(out_path: str) -> None:
   results["reference"]["rl_step_metrics"] = ref_metrics
   results["reference"]["time_s"] = time.time() - t0
 
-  for name, mesh_cfg in MESHES.items():
+  for name, mesh_cfg in meshes.items():
     t = time.time()
     mesh = sharding.make_mesh(mesh_cfg)
     params = sharding.shard_params(params0, mesh)
@@ -197,7 +218,8 @@ def _worker(out_path: str) -> None:
     if name == RL_STEP_MESH:  # one train.rl_step on a sharded TrainState
       state = sharding.shard_train_state(fresh_state(params0), mesh)
       mu = state.opt_state[1][0].mu
-      r["adam_mu_o_proj_spec"] = spec_json(mu["layers"]["o_proj"].sharding.spec)
+      r["adam_mu_o_proj_spec"] = spec_json(mu["attn" if "attn" in mu else "layers"]["o_proj"]
+                                           .sharding.spec)
       r["state_specs"] = specs(state)
       step = sharding.pin_state_shardings(
           train.rl_step, sharding.train_state_shardings(state, mesh),
@@ -209,18 +231,23 @@ def _worker(out_path: str) -> None:
       r["state_specs_after_step"] = specs(new_state)
     if name == INIT_MESH:  # params created sharded; the prefix cache laid out as asked
       init = sharding.init_sharded_params(cfg, jax.random.key(0), mesh)
-      init_ref = llama.init_params(cfg, jax.random.key(0))
+      init_ref = model.init_params(cfg, jax.random.key(0))
       r["init_specs"] = specs(init)
       r["init_max_abs"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                               for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(init_ref)))
-      prefill = lambda p, b: llama.prefill(p, b["prompt"], cfg, b["prompt_mask"])[1]  # noqa: E731
+      prefill = lambda p, b: model.prefill(p, b["prompt"], cfg, b["prompt_mask"])[1]  # noqa: E731
       cache_sh = sharding.cache_shardings(jax.eval_shape(prefill, params0, batch), mesh)
       cache = jax.jit(prefill, out_shardings=cache_sh)(params, sbatch)
       cache_ref = prefill(params0, batch)
       r["cache_k_spec"] = spec_json(cache.k.sharding.spec)
       r["cache_mask_spec"] = spec_json(cache.mask.sharding.spec)
       r["cache_k_shard_shape"] = list(cache.k.addressable_shards[0].data.shape)
-      r["cache_k_abs"] = float(np.max(np.abs(np.asarray(cache.k) - np.asarray(cache_ref.k))))
+      r["cache_abs"] = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b))))
+                           for a, b in zip(cache, cache_ref))
+      if arch == "qwen3_5":
+        r["cache_state_spec"] = spec_json(cache.state.sharding.spec)
+        r["cache_conv_spec"] = spec_json(cache.conv.sharding.spec)
+        r["cache_state_shard_shape"] = list(cache.state.addressable_shards[0].data.shape)
     r["time_s"] = time.time() - t
     results["meshes"][name] = r
   results["total_s"] = time.time() - t0
@@ -238,15 +265,15 @@ def _optim_config():
 # pytest side.
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
+def _run_worker(tmp_path_factory, arch: str):
   out = tmp_path_factory.mktemp("sharding") / "results.json"
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), FAST_COMPILE,
                                "--xla_force_host_platform_device_count=8"]).strip()
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], cwd=REPO, env=env,
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out), arch], cwd=REPO,
+                        env=env,
                         capture_output=True, text=True, timeout=900)
   if proc.returncode:
     pytest.fail(f"sharded worker failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
@@ -256,6 +283,16 @@ def sharded(tmp_path_factory):
   print(json.dumps({"reference": results["reference"], "meshes": summary,
                     "total_s": results["total_s"]}, indent=1))
   return results
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+  return _run_worker(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def sharded_qwen3_5(tmp_path_factory):
+  return _run_worker(tmp_path_factory, "qwen3_5")
 
 
 @pytest.mark.parametrize("name", list(MESHES))
@@ -308,7 +345,33 @@ def test_init_is_sharded_and_cache_layout(sharded):
   assert r["cache_k_spec"] == [None, ["data", "fsdp"], None, "tensor"]
   assert r["cache_mask_spec"] == [["data", "fsdp"]]
   assert r["cache_k_shard_shape"] == [2, 2, 6, 1, 8]  # [L, B/4, P, K/2, D]
-  assert r["cache_k_abs"] < 1e-5
+  assert r["cache_abs"] < 1e-5
+
+
+# The same checks on a Qwen3.5 (Gated DeltaNet + gated attention), on the meshes that
+# split both the batch and the heads.
+
+
+@pytest.mark.parametrize("name", QWEN3_5_MESHES)
+def test_qwen3_5_losses_grads_and_rollouts_match_one_device(sharded_qwen3_5, name):
+  test_losses_and_grads_match_one_device(sharded_qwen3_5, name)
+  test_greedy_rollouts_match_one_device(sharded_qwen3_5, name)
+  specs = sharded_qwen3_5["meshes"][name]["param_specs"]
+  assert specs["linear"]["in_proj_qkv"] == [None, "fsdp", "tensor"]
+  assert specs["linear"]["conv"] == [None, None, "tensor"]
+  assert specs["linear"]["out_proj"] == [None, "tensor", "fsdp"]
+  assert specs["attn"]["q_proj"] == [None, "fsdp", "tensor"]
+
+
+def test_qwen3_5_rl_step_init_and_cache_layout(sharded_qwen3_5):
+  test_rl_step_on_sharded_state_matches_unsharded(sharded_qwen3_5)
+  r = sharded_qwen3_5["meshes"][INIT_MESH]
+  assert r["init_specs"] == r["param_specs"] and r["init_max_abs"] < 1e-7
+  assert r["cache_abs"] < 1e-5  # keys, values, conv window and DeltaNet state
+  assert r["cache_k_spec"] == [None, ["data", "fsdp"], None, "tensor"]
+  assert r["cache_conv_spec"] == [None, ["data", "fsdp"], None, "tensor"]
+  assert r["cache_state_spec"] == [None, ["data", "fsdp"], "tensor"]
+  assert r["cache_state_shard_shape"] == [1, 2, 2, 8, 4]  # [La, B/4, Hv/2, Dk, Dv]
 
 
 # ----------------------------------------------------------------------------
@@ -407,6 +470,16 @@ def test_param_specs_for_qwen3_5():
   assert specs["attn"]["q_proj"] == P(None, "fsdp", "tensor")
   assert specs["attn"]["o_proj"] == P(None, "tensor", "fsdp")
   assert specs["layers"]["gate_proj"] == P(None, "fsdp", "tensor")
+  # LoRA adapters of every target: lora_a @ lora_b lands in its kernel's layout.
+  from fgrpo_jax.models import lora
+  lcfg = lora.LoraConfig(2, 1.0, tuple(lora.TARGETS))
+  adapters = sharding.param_specs(lora.adapter_shapes(cfg, lcfg), {"data": 1, "fsdp": 4,
+                                                                     "tensor": 2})
+  for group, targeted in adapters.items():
+    for t, spec in targeted.items():
+      _, fsdp_or_tensor_in, fsdp_or_tensor_out = specs[group][t]
+      assert spec["lora_a"] == P(None, fsdp_or_tensor_in), (group, t)
+      assert spec["lora_b"] == P(None, None, fsdp_or_tensor_out), (group, t)
 
 
 def test_opt_state_shardings_follow_params():
@@ -483,4 +556,4 @@ def test_shard_batch_and_train_state_single_process():
 
 
 if __name__ == "__main__":
-  _worker(sys.argv[1])
+  _worker(*sys.argv[1:])

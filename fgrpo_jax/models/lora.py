@@ -1,4 +1,4 @@
-"""LoRA adapters for the Llama-family decoder: a separate, small, trainable pytree.
+"""LoRA adapters for the decoders (Llama family, Qwen3.5): a separate, small, trainable pytree.
 
 For a targeted projection with (stacked) kernel W [L, in, out] an adapter holds
 
@@ -6,9 +6,15 @@ For a targeted projection with (stacked) kernel W [L, in, out] an adapter holds
     lora_b [L, r, out]  zeros, so the adapted model starts exactly at the base
 
 and the adapted kernel is W + (alpha / r) * lora_a @ lora_b (per layer). Adapters
-are stacked over layers like the base, so `llama`'s `lax.scan` needs no change:
+are stacked over layers like the base and sit under the same group key as their
+kernel, so the decoders' `lax.scan` needs no change:
 
     adapters = {"layers": {"q_proj": {"lora_a": ..., "lora_b": ...}, "v_proj": {...}}}
+
+In a Qwen3.5 (models/qwen3_5.py) the attention kernels q/k/v/o_proj live under
+`attn/` (stacked over its Lf attention layers), the Gated DeltaNet's in_proj_qkv,
+in_proj_z, in_proj_a, in_proj_b and out_proj under `linear/` (La DeltaNet layers) and
+the MLP's under `layers/`, and so do their adapters.
 
 How the adapters enter the model: `merge` builds the adapted params, and the
 train steps call the unchanged `llama` / `rollout` functions on them, differentiating
@@ -39,6 +45,9 @@ Files (`save_adapters` / `load_adapters`), the Hugging Face PEFT layout:
       base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight  [r, in]
       base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight  [out, r]
 
+where i is the decoder layer's index in the whole stack (a Qwen3.5's q_proj exists only
+in its attention layers, its in_proj_qkv only in its DeltaNet layers: linear_attn.*).
+
 (torch `nn.Linear` weights are [out, in], so lora_A/lora_B are our lora_a/lora_b
 transposed per layer; PEFT computes the same W + alpha/r * B A.)
 """
@@ -47,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 from pathlib import Path
@@ -56,16 +66,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgrpo_jax.errors import UserError
-from fgrpo_jax.models import llama
+from fgrpo_jax.models import qwen3_5
+from fgrpo_jax.models.decoders import decoder
 from fgrpo_jax.models.llama import ModelConfig, Params
 
-# The projection kernels of `llama` params that adapters may target, with their
-# module path inside a Hugging Face decoder layer.
+# The projection kernels that adapters may target, with their module path inside a
+# Hugging Face decoder layer. The last five are Qwen3.5's Gated DeltaNet's.
 TARGETS = {
     "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
     "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
     "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj",
+    "in_proj_qkv": "linear_attn.in_proj_qkv", "in_proj_z": "linear_attn.in_proj_z",
+    "in_proj_a": "linear_attn.in_proj_a", "in_proj_b": "linear_attn.in_proj_b",
+    "out_proj": "linear_attn.out_proj",
 }
+# The params groups that hold stacked layer kernels: every layer's (`layers`), and a
+# Qwen3.5's attention layers' (`attn`) and DeltaNet layers' (`linear`).
+GROUPS = ("layers", "attn", "linear")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model.model.layers"
@@ -112,15 +129,37 @@ def config_from_model_config(model) -> LoraConfig | None:
 # The adapter pytree.
 
 
+def group_of(cfg: ModelConfig, target: str) -> str:
+  """The params group ("layers", "attn" or "linear") that holds `target`'s kernel;
+  ValueError naming the target when the model has none (in_proj_qkv of a Llama)."""
+  shapes = decoder(cfg).param_shapes(cfg)
+  for group in GROUPS:
+    if target in shapes.get(group, {}):
+      return group
+  present = [t for t in TARGETS if any(t in shapes.get(g, {}) for g in GROUPS)]
+  raise ValueError(f"{target!r}: this {cfg.arch} model has no such projection (it has "
+                   f"{', '.join(present)})")
+
+
+def layer_indices(cfg: ModelConfig, group: str) -> list[int]:
+  """Index in the whole decoder stack of each layer of a group's stacked kernels."""
+  if group == "layers":
+    return list(range(cfg.num_layers))
+  kind = qwen3_5.FULL if group == "attn" else qwen3_5.LINEAR
+  return [i for i, t in enumerate(cfg.layer_types) if t == kind]
+
+
 def adapter_shapes(cfg: ModelConfig, lcfg: LoraConfig) -> Params:
   """ShapeDtypeStructs of `init_adapters` (float32), without allocating."""
-  base = llama.param_shapes(cfg)["layers"]
-  out = {}
+  base = decoder(cfg).param_shapes(cfg)
+  out: dict = {}
   for t in lcfg.targets:
-    L, d_in, d_out = base[t].shape
-    out[t] = {"lora_a": jax.ShapeDtypeStruct((L, d_in, lcfg.rank), jnp.float32),
-              "lora_b": jax.ShapeDtypeStruct((L, lcfg.rank, d_out), jnp.float32)}
-  return {"layers": out}
+    group = group_of(cfg, t)
+    L, d_in, d_out = base[group][t].shape
+    out.setdefault(group, {})[t] = {
+        "lora_a": jax.ShapeDtypeStruct((L, d_in, lcfg.rank), jnp.float32),
+        "lora_b": jax.ShapeDtypeStruct((L, lcfg.rank, d_out), jnp.float32)}
+  return out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -130,15 +169,16 @@ def init_adapters(cfg: ModelConfig, lcfg: LoraConfig, key: jax.Array) -> Params:
   With lora_b = 0 the adapted model equals the base exactly, and the first
   gradient step moves lora_b (the gradient of lora_a is 0 while lora_b is).
   """
-  shapes = adapter_shapes(cfg, lcfg)["layers"]
+  shapes = adapter_shapes(cfg, lcfg)
   keys = jax.random.split(key, len(lcfg.targets))
-  out = {}
+  out: dict = {}
   for k, t in zip(keys, lcfg.targets):
-    a, b = shapes[t]["lora_a"], shapes[t]["lora_b"]
+    group = group_of(cfg, t)
+    a, b = shapes[group][t]["lora_a"], shapes[group][t]["lora_b"]
     std = 1.0 / math.sqrt(a.shape[1])
-    out[t] = {"lora_a": std * jax.random.normal(k, a.shape, a.dtype),
-              "lora_b": jnp.zeros(b.shape, b.dtype)}
-  return {"layers": out}
+    out.setdefault(group, {})[t] = {"lora_a": std * jax.random.normal(k, a.shape, a.dtype),
+                                    "lora_b": jnp.zeros(b.shape, b.dtype)}
+  return out
 
 
 def delta(adapter: Params, scale: float) -> jax.Array:
@@ -154,11 +194,14 @@ def merge(base: Params, adapters: Params, scale: float) -> Params:
   Pure and differentiable in both arguments; untargeted leaves are the base's own
   arrays. The merged kernels keep the base kernel's dtype.
   """
-  layers = dict(base["layers"])
-  for t, adapter in adapters["layers"].items():
-    w = layers[t]
-    layers[t] = (w.astype(jnp.float32) + delta(adapter, scale)).astype(w.dtype)
-  return {**base, "layers": layers}
+  out = dict(base)
+  for group, targeted in adapters.items():
+    kernels = dict(base[group])
+    for t, adapter in targeted.items():
+      w = kernels[t]
+      kernels[t] = (w.astype(jnp.float32) + delta(adapter, scale)).astype(w.dtype)
+    out[group] = kernels
+  return out
 
 
 @jax.tree_util.register_pytree_node_class
@@ -202,18 +245,25 @@ def merged(trainable: Params, frozen: Frozen | None) -> Params:
 # Files (Hugging Face PEFT layout, see the module docstring).
 
 
-def save_adapters(adapters: Params, lcfg: LoraConfig, directory, base_model: str = "") -> Path:
-  """Writes adapter_config.json + adapter_model.safetensors (float32) into `directory`."""
+def save_adapters(adapters: Params, lcfg: LoraConfig, directory, base_model: str = "",
+                  cfg: ModelConfig | None = None) -> Path:
+  """Writes adapter_config.json + adapter_model.safetensors (float32) into `directory`.
+
+  cfg: the base model's config, needed to number a Qwen3.5's attn/ and linear/ layers
+  in the whole stack (without it, adapters of `layers/` only: layer i is stack entry i).
+  """
   from safetensors.numpy import save_file
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   tensors = {}
-  for t, adapter in adapters["layers"].items():
-    a, b = np.asarray(adapter["lora_a"], np.float32), np.asarray(adapter["lora_b"], np.float32)
-    for i in range(a.shape[0]):
-      name = f"{_PEFT_PREFIX}.{i}.{TARGETS[t]}"
-      tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)  # [r, in]
-      tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)  # [out, r]
+  for group, targeted in adapters.items():
+    for t, adapter in targeted.items():
+      a, b = np.asarray(adapter["lora_a"], np.float32), np.asarray(adapter["lora_b"], np.float32)
+      indices = range(a.shape[0]) if cfg is None and group == "layers" else layer_indices(cfg, group)
+      for j, i in enumerate(indices):
+        name = f"{_PEFT_PREFIX}.{i}.{TARGETS[t]}"
+        tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[j].T)  # [r, in]
+        tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[j].T)  # [out, r]
   save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
   config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lcfg.rank,
             "lora_alpha": lcfg.alpha, "target_modules": list(lcfg.targets),
@@ -224,8 +274,13 @@ def save_adapters(adapters: Params, lcfg: LoraConfig, directory, base_model: str
   return directory
 
 
-def load_adapters(directory) -> tuple[Params, LoraConfig]:
-  """Reads `save_adapters` output (or a PEFT LoRA of a Llama/Qwen model) -> (adapters, config)."""
+def load_adapters(directory, cfg: ModelConfig | None = None) -> tuple[Params, LoraConfig]:
+  """Reads `save_adapters` output (or a PEFT LoRA of a Llama/Qwen model) -> (adapters, config).
+
+  cfg: the base model's config (required for a Qwen3.5, whose targets sit in attn/ or
+  linear/ and only in some layers); without it every target is a `layers/` kernel
+  present in layers 0, 1, ...
+  """
   from safetensors.numpy import load_file
   directory = Path(directory)
   cfg_path, w_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
@@ -236,19 +291,23 @@ def load_adapters(directory) -> tuple[Params, LoraConfig]:
   targets = tuple(meta["target_modules"])
   try:
     parse_targets(",".join(targets))
+    groups = [group_of(cfg, t) if cfg is not None else "layers" for t in targets]
   except ValueError as e:
     raise UserError(f"{cfg_path}: target_modules: {e}") from None
   lcfg = LoraConfig(rank=int(meta["r"]), alpha=float(meta["lora_alpha"]), targets=targets)
   tensors = load_file(str(w_path))
-  layers = {}
-  for t in targets:
-    a, b, i = [], [], 0
-    while f"{_PEFT_PREFIX}.{i}.{TARGETS[t]}.lora_A.weight" in tensors:
+  out: dict = {}
+  for t, group in zip(targets, groups):
+    indices = layer_indices(cfg, group) if cfg is not None else itertools.count()
+    a, b = [], []
+    for i in indices:
       name = f"{_PEFT_PREFIX}.{i}.{TARGETS[t]}"
+      if f"{name}.lora_A.weight" not in tensors:
+        if cfg is None and a:
+          break  # layers 0 .. i-1
+        raise UserError(f"{w_path}: no tensor {name}.lora_A.weight")
       a.append(tensors[f"{name}.lora_A.weight"].T)
       b.append(tensors[f"{name}.lora_B.weight"].T)
-      i += 1
-    if not a:
-      raise UserError(f"{w_path}: no tensors for target {t!r}")
-    layers[t] = {"lora_a": jnp.asarray(np.stack(a)), "lora_b": jnp.asarray(np.stack(b))}
-  return {"layers": layers}, lcfg
+    out.setdefault(group, {})[t] = {"lora_a": jnp.asarray(np.stack(a)),
+                                    "lora_b": jnp.asarray(np.stack(b))}
+  return out, lcfg

@@ -200,13 +200,52 @@ def recurrent_delta_rule(q, k, v, g, beta, state):
   return jnp.moveaxis(out, 0, 1), state
 
 
+def unit_lower_inverse(a):
+  """(I + a)^-1 for a strictly lower-triangular a [..., C, C], by matmuls only.
+
+  Blockwise from the diagonal out: with the inverses X1, X2 of two diagonal blocks and
+  a21 the block below the first, [[I + a11, 0], [a21, I + a22]]^-1 =
+  [[X1, 0], [-X2 a21 X1, X2]]; ceil(log2 C) rounds of such merges (C padded to a power
+  of two with the identity). As accurate as a solve; the power series
+  (I - a)(I + a^2)(I + a^4)... is not (its terms grow and cancel: 1e-3 off at C = 64).
+
+  Not lax.linalg.triangular_solve: on CPU that is jaxlib's (0.10.2) LAPACK trsm call,
+  which splits its batch over XLA's intra-op thread pool and blocks a pool thread
+  waiting for the pieces; two solves running at once on a 2-core machine (a 2-thread
+  pool) wait for each other forever (the Qwen3.5 training run hung idle in its SFT
+  step, both pool threads in lapack_strsm_ffi -> ParallelBatchMap). HIGHEST precision:
+  TPU's default f32 matmul would round the terms to bf16, a solve does not.
+  """
+  C = a.shape[-1]
+  n = 1 << max(C - 1, 0).bit_length()  # C rounded up to a power of two
+  a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, n - C)] * 2)
+  lead = a.shape[:-2]
+  dot = lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
+  inv = jnp.ones(lead + (n, 1, 1), a.dtype)  # the n diagonal 1x1 blocks' inverses
+  b = 1
+  while b < n:
+    m = n // (2 * b)  # blocks after this round, each of size 2b
+    blocks = a.reshape(lead + (m, 2, b, m, 2, b))
+    # a21 of block i: rows (2i+1)b.., columns 2ib.. -> [..., m, b, b]
+    a21 = jnp.moveaxis(jnp.diagonal(blocks[..., :, 1, :, :, 0, :], axis1=-4, axis2=-2),
+                       -1, -3)
+    x = inv.reshape(lead + (m, 2, b, b))
+    x1, x2 = x[..., 0, :, :], x[..., 1, :, :]
+    x21 = -dot(dot(x2, a21), x1)
+    top = jnp.concatenate([x1, jnp.zeros_like(x1)], axis=-1)
+    bottom = jnp.concatenate([x21, x2], axis=-1)
+    inv = jnp.concatenate([top, bottom], axis=-2)  # [..., m, 2b, 2b]
+    b *= 2
+  return inv.reshape(lead + (n, n))[..., :C, :C]
+
+
 def chunked_delta_rule(q, k, v, g, beta, state, chunk: int):
   """The gated delta rule in chunks of `chunk` tokens (same arguments and result as
   `recurrent_delta_rule`).
 
   Inside a chunk with in-chunk cumulative log decays c_i, the C state writes are
   folded into one lower-triangular solve (the WY / UT form of the delta rule):
-  (I + A) [U | W] = [beta v | beta k exp(c)] with A_ij = beta_i k_i.k_j exp(c_i - c_j)
+  (I + A) [U | W] = [beta v | beta k exp(c)] (by `unit_lower_inverse`) with A_ij = beta_i k_i.k_j exp(c_i - c_j)
   for j < i, so the corrected values are V' = U - W S; then
   out = (q exp(c)) S + tril(q k^T exp(c_i - c_j)) V' and
   S <- exp(c_C) S + (k exp(c_C - c))^T V'. A sequence is padded to whole chunks with
@@ -230,8 +269,7 @@ def chunked_delta_rule(q, k, v, g, beta, state, chunk: int):
     kb = k * beta[..., None]
     A = jnp.where(strict, jnp.einsum("nhik,nhjk->nhij", kb, k) * decay, 0.0)
     rhs = jnp.concatenate([v * beta[..., None], kb * jnp.exp(c)[..., None]], axis=-1)
-    uw = jax.lax.linalg.triangular_solve(A + jnp.eye(C), rhs, left_side=True, lower=True,
-                                         unit_diagonal=True)
+    uw = unit_lower_inverse(A) @ rhs
     u, w = uw[..., :v.shape[-1]], uw[..., v.shape[-1]:]
     v_new = u - w @ S  # [N, H, C, Dv]
     scores = jnp.einsum("nhik,nhjk->nhij", q, k) * decay
