@@ -21,7 +21,8 @@ fi
 # is the loss noise?), the advantage's normalisation, a KL anchor, the number of
 # updates per batch, GRPO, the slate-relative R_rank; then R_rank as the reported
 # metric itself (hit@1) and as MRR (added once the first runs showed greedy ndcg@5
-# holding while hit@1 fell); last, more exploration (temperature 1.5).
+# holding while hit@1 fell); last, more exploration (temperature 1.5) and a longer
+# RL stage (1,000 steps).
 SETTINGS=(
   "reward_hit1 --config.reward.rank_metric=hit --config.reward.rank_k=1"
   "reward_mrr --config.reward.rank_metric=mrr"
@@ -39,6 +40,7 @@ SETTINGS=(
   "inner_4 --config.rl.inner_steps=4"
   "kl_0.01 --config.rl.kl_coef=0.01"
   "temperature_1.5 --config.rollout.temperature=1.5"
+  "steps_1000 --config.rl.steps=1000 --config.eval.every=250"
 )
 run_one() {
   name=$1; shift
