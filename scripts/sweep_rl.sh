@@ -38,7 +38,6 @@ SETTINGS=(
   "grpo --config.algorithm=grpo"
   "rank_ideal_slate --config.reward.rank_ideal=slate"
   "inner_4 --config.rl.inner_steps=4"
-  "kl_0.01 --config.rl.kl_coef=0.01"
   "temperature_1.5 --config.rollout.temperature=1.5"
   "steps_1000 --config.rl.steps=1000 --config.eval.every=250"
 )
