@@ -53,7 +53,12 @@ def get_config(arg=None):
   c.data.seq_len = 20  # synthetic: interactions per user
   c.data.history_len = 10  # items of history shown in the prompt (last H)
   c.data.pool_size = 20  # C: candidates per example (the target + C-1 negatives)
-  c.data.negatives = "uniform"  # how negatives are sampled: uniform | popularity
+  # uniform | popularity: the target + C-1 sampled negatives (one target); retrieved: C items
+  # drawn from the history alone (data.retrieval_mix), examples missing every target dropped
+  c.data.negatives = "uniform"  # how the pool is made: uniform | popularity | retrieved
+  c.data.retrieval_mix = "cluster=0.5,popularity=0.25,uniform=0.25"  # retrieved: shares of the pool
+  c.data.num_targets = 1  # synthetic: relevant items = the user's next n items (n > 1 needs retrieved)
+  c.data.target_decay = 0.5  # synthetic: relevance of the j-th next item is decay**j (graded by recency)
   c.data.kcore = 5  # real data: repeatedly drop users and items with < k interactions (0/1 = off)
   c.data.min_rating = 0.0  # real data: drop interactions rated below this (0 = keep all)
   c.data.dedup = "first"  # real data: repeats of a user-item pair: first | consecutive | none
