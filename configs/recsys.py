@@ -8,8 +8,10 @@
         --config.data.path=/data/ml-1m --workdir=runs/ml1m
 
 Variants (after the colon, comma-separated to combine, e.g. `tiny,ablate_lambda`):
-`default` (finishes on a 2-core CPU in under 10 minutes), `tiny` (seconds; used by
-the tests), and the ablations of `fgrpo_jax.compare`: `ablate_lambda` (lambda in
+`default` (issue 14's regime: C = 60, one target; its wall time on a 2-core CPU is in
+docs/experiments.md, "Choosing the recommendation regime"), `one_target` (the task before
+issue 14: the next item only, C = 20, uniform negatives; every result committed before it
+names this variant), `tiny` (seconds; used by the tests; one target), and the ablations of `fgrpo_jax.compare`: `ablate_lambda` (lambda in
 0.25/0.5/1/2), `ablate_slate` (k in 5/10/15), `ablate_advantage` (mean vs std),
 `ablate_ratio` (token vs per-phase ratio), `ablate_rank_ideal` (pool vs slate),
 `ablate_loss_norm` (phase vs joint), `sweep_lr` (rl.lr of `compare.sweep_algorithm`);
@@ -22,6 +24,9 @@ import ml_collections
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # all projections
 
 REAL = ("movielens", "lastfm", "amazon", "recbole")  # variants reading a published dataset
+# The embedded task before issue 14 (the next item only; the target + 19 uniform negatives),
+# on which every result committed before it was measured.
+ONE_TARGET = dict(pool_size=20, negatives="uniform", num_targets=1, history_len=10, seq_len=20)
 ABLATIONS = {
     "ablate_lambda": ("reward.lam", (0.25, 0.5, 1.0, 2.0)),
     "ablate_slate": ("rollout.slate_size", (5, 10, 15)),
@@ -52,8 +57,13 @@ def get_config(arg=None):
   c.data.num_users = 4000  # synthetic: users (one test and one validation example each)
   c.data.seq_len = 20  # synthetic: interactions per user
   c.data.history_len = 10  # items of history shown in the prompt (last H)
-  c.data.pool_size = 20  # C: candidates per example (the target + C-1 negatives)
-  c.data.negatives = "uniform"  # how negatives are sampled: uniform | popularity
+  c.data.pool_size = 60  # C: candidates per example (the target + C-1 negatives; issue 14's regime)
+  # uniform | popularity: the target + C-1 sampled negatives (one target); retrieved: C items
+  # drawn from the history alone (data.retrieval_mix), examples missing every target dropped
+  c.data.negatives = "uniform"  # how the pool is made: uniform | popularity | retrieved
+  c.data.retrieval_mix = "cluster=0.5,popularity=0.25,uniform=0.25"  # retrieved: shares of the pool
+  c.data.num_targets = 1  # synthetic: relevant items = the user's next n items (n > 1 needs retrieved)
+  c.data.target_decay = 0.5  # synthetic: relevance of the j-th next item is decay**j (graded by recency)
   c.data.kcore = 5  # real data: repeatedly drop users and items with < k interactions (0/1 = off)
   c.data.min_rating = 0.0  # real data: drop interactions rated below this (0 = keep all)
   c.data.dedup = "first"  # real data: repeats of a user-item pair: first | consecutive | none
@@ -168,7 +178,10 @@ def get_config(arg=None):
   for v in variants:
     if v == "default":
       continue
-    if v == "tiny":
+    if v == "one_target":
+      c.data.update(ONE_TARGET)
+    elif v == "tiny":
+      c.data.update(ONE_TARGET)  # the tests' small task keeps one target
       c.data.update(num_items=60, num_clusters=6, num_user_types=4, num_users=600,
                     seq_len=12, history_len=6)
       c.model.update(num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -182,6 +195,7 @@ def get_config(arg=None):
       c.log_every = 5
       c.ckpt_every = 5
     elif v in REAL:
+      c.data.update(ONE_TARGET)
       c.data.name = v  # read from --config.data.path (see docs/datasets.md)
       c.data.history_len = 20
       c.model.update(num_layers=4, hidden=256, num_heads=8, num_kv_heads=4, mlp_hidden=768)
@@ -195,5 +209,5 @@ def get_config(arg=None):
       c.compare.sweep_values = values
     else:
       raise ValueError(f"unknown variant {v!r} of configs/recsys.py "
-                       f"(default, tiny, {', '.join(REAL + tuple(ABLATIONS))})")
+                       f"(default, one_target, tiny, {', '.join(REAL + tuple(ABLATIONS))})")
   return c

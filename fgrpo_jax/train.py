@@ -331,8 +331,12 @@ def gold_choices(relevance, pool_mask, key, layout: rollout_lib.Layout,
   """
   k_fill, k_order = jax.random.split(key)
   noise = jax.random.uniform(k_fill, relevance.shape)
-  score = jnp.where(pool_mask, relevance * 4.0 + noise, -1.0)  # noise < 1 <= relevance gap
-  top_scores, by_relevance = jax.lax.top_k(score, layout.slate_size)
+  # Sorted by relevance (any grades), ties in random order, pool padding last: a stable
+  # sort by relevance of the slots already sorted by noise (padding by slot index).
+  by_noise = jnp.argsort(-jnp.where(pool_mask, noise, -1.0), axis=-1, stable=True)
+  rel = jnp.take_along_axis(jnp.where(pool_mask, relevance, -jnp.inf), by_noise, axis=-1)
+  by_relevance = jnp.take_along_axis(
+      by_noise, jnp.argsort(-rel, axis=-1, stable=True), axis=-1)[..., :layout.slate_size]
   ranking = by_relevance[..., :layout.rank_size]
   slate = by_relevance
   if slate_order == "random":

@@ -4,5 +4,5 @@ cd "$(dirname "$0")/.."  # run from the repository root
 set -x
 COMMON="--config.sft.steps=300 --config.rl.steps=300 --config.eval.every=100 --config.eval.val_examples=2000 --config.compare.seeds=1 --config.compare.pointwise=False --workdir=runs/sweep2"
 for alg in fgrpo grpo sft; do
-  .venv/bin/python -m fgrpo_jax.compare --config=configs/recsys.py:sweep_lr --config.compare.sweep_algorithm=$alg --config.compare.sweep_values="(3e-4,1e-3)" $COMMON
+  .venv/bin/python -m fgrpo_jax.compare --config=configs/recsys.py:one_target,sweep_lr --config.compare.sweep_algorithm=$alg --config.compare.sweep_values="(3e-4,1e-3)" $COMMON
 done

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."  # run from the repository root
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/sweep3}
 WARM=${WARM:-$OUT/warm_start}
-COMMON="--config=configs/recsys.py --config.seed=0 --config.sft.steps=300 --config.rl.steps=300 \
+COMMON="--config=configs/recsys.py:one_target --config.seed=0 --config.sft.steps=300 --config.rl.steps=300 \
  --config.eval.every=100 --config.eval.val_examples=2000"
 mkdir -p "$OUT"
 if [ ! -f "$WARM/eval.json" ]; then  # the warm start every run starts from

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fgrpo_jax.data import synthetic_recsys as sr
+from fgrpo_jax.errors import UserError
 
 TINY = dict(sr.TINY_CONFIG)
 SPLITS = ("train", "validation", "test")
@@ -345,3 +346,166 @@ def test_examples_validation_and_real_data_container():
   assert len(ex) == 1 and ex.target[0] == 4 and ex.take([0]).oracle_scores is None
   with pytest.raises(ValueError):
     sr.RecsysExamples(history=h, pool=pool, relevance=rel[:, :1], oracle_scores=None)
+
+
+# -- several graded targets, retrieved pools (issue 14) -------------------------------
+
+RETRIEVED = dict(TINY, negatives="retrieved", num_targets=3, pool_size=20, seq_len=16)
+
+
+def _digest(ds):
+  import hashlib
+  h = hashlib.sha256()
+  for ex in _all_examples(ds):
+    for a in (ex.history, ex.pool, ex.relevance, ex.oracle_scores, ex.user):
+      h.update(np.ascontiguousarray(a).tobytes())
+  h.update(ds.item_popularity.tobytes())
+  h.update(ds.sequences.tobytes())
+  return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("negatives,digest", [("uniform", "d28996d6e33773e1"),
+                                              ("popularity", "dea1fa1fe494d458")])
+def test_one_target_reproduces_the_earlier_data_exactly(negatives, digest):
+  # Digests of every array, written by the generator at commit 695e5a7 (before
+  # num_targets existed): num_targets=1 with those negatives must not change a bit.
+  ds = sr.make_synthetic_recsys(**TINY, seed=0, negatives=negatives, num_targets=1)
+  assert _digest(ds) == digest
+
+
+@pytest.fixture(scope="module")
+def small_model():
+  return sr.build_synthetic_model(num_items=7, num_clusters=3, num_user_types=3,
+                                  num_successors=1, rng=5)
+
+
+def _futures(model, u, last, n):
+  """Plain Python: every n-step future of a type-u user after `last`, with its probability."""
+  out = [((), 1.0)]
+  for _ in range(n):
+    out = [(y + (j,), p * float(model.transition[u, y[-1] if y else last, j]))
+           for y, p in out for j in range(model.num_items)]
+  return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_multi_target_oracle_is_the_bayes_posterior(small_model, n):
+  """Brute force over user types and every future: P(c relevant | window, pool, kept),
+  with the pool drawn from the window alone and kept iff it meets a target."""
+  model = small_model
+  rng = np.random.default_rng(n)
+  checked = 0
+  for _ in range(6):
+    history = np.full(4, -1)
+    seq = [int(rng.integers(model.num_items))]
+    for _ in range(int(rng.integers(1, 4))):
+      seq.append(int(rng.choice(model.num_items, p=model.transition[0, seq[-1]])))
+    history[4 - len(seq):] = seq
+    pool = rng.choice(model.num_items, size=4, replace=False)
+    post = model.posterior(history[None])[0]
+    joint = np.zeros(len(pool))
+    kept = 0.0
+    for u in range(model.num_user_types):
+      for future, p in _futures(model, u, seq[-1], n):
+        if set(future) & set(pool.tolist()):
+          kept += post[u] * p
+          joint += post[u] * p * np.isin(pool, future)
+    bayes = joint / kept
+    scores = model.oracle_scores(history[None], pool[None], n)[0]
+    # Exact up to the row constant P(kept | window, pool), which ranking ignores.
+    np.testing.assert_allclose(scores, bayes * kept, rtol=1e-9, atol=1e-15)
+    assert bayes.max() > 0
+    checked += 1
+  assert checked == 6
+
+
+def test_target_tables_at_start_and_as_probabilities(small_model):
+  model = small_model
+  after_item, at_start = model.target_tables(3)
+  for u in range(model.num_user_types):
+    want = np.zeros(model.num_items)
+    for i in range(model.num_items):
+      for future, p in _futures(model, u, i, 2):
+        for c in set((i,) + future):
+          want[c] += model.initial[u, i] * p
+    np.testing.assert_allclose(at_start[u], want, rtol=1e-9)
+  # A membership probability, and the expected number of distinct items is <= n.
+  assert np.all((after_item >= 0) & (after_item <= 1 + 1e-12))
+  assert np.all(after_item.sum(axis=2) <= 3 + 1e-9) and np.all(after_item.sum(axis=2) > 2)
+  table1, start1 = model.target_tables(1)
+  assert table1 is model.transition and start1 is model.initial
+
+
+def test_retrieved_targets_and_graded_relevance_follow_the_sequences():
+  ds = sr.make_synthetic_recsys(**RETRIEVED, seed=2, target_decay=0.5)
+  seqs = ds.sequences
+  length = seqs.shape[1]
+  for name, first in (("validation", length - 6), ("test", length - 3)):
+    ex = ds.split(name)
+    assert len(ex) == ds.num_items * 0 + len(seqs) - ds.info["dropped"][name]
+    for row in range(len(ex)):
+      targets = seqs[ex.user[row], first:first + 3].tolist()
+      want = [max([0.5 ** j for j, t in enumerate(targets) if t == item], default=0.0)
+              for item in ex.pool[row].tolist()]
+      assert ex.relevance[row].tolist() == want
+      np.testing.assert_array_equal(ex.history[row], seqs[ex.user[row], first - 6:first])
+  for ex in _all_examples(ds):
+    assert np.all(ex.relevance.max(axis=1) > 0)  # examples missing every target dropped
+    srt = np.sort(ex.pool, axis=1)
+    assert np.all(srt[:, 1:] != srt[:, :-1])
+  # Training targets stop before the validation targets.
+  assert ds.train.history.shape[1] == 6 and sum(ds.info["dropped"].values()) > 0
+  assert set(np.unique(ds.validation.relevance)) <= {0.0, 0.25, 0.5, 1.0}
+  assert np.mean((ds.validation.relevance > 0).sum(axis=1)) > 1.2
+
+
+def test_retrieved_pools_have_the_configured_mix():
+  model = sr.build_synthetic_model(num_items=60, num_clusters=6, num_user_types=4, rng=0)
+  rng = np.random.default_rng(0)
+  history = rng.integers(0, 60, size=(2000, 3))
+  history[:5, :2] = -1
+  shares = sr.parse_retrieval_mix("cluster=0.5,popularity=0.3,uniform=0.2")
+  counts = sr.retrieval_counts(shares, 10)
+  assert counts == {"cluster": 5, "popularity": 3, "uniform": 2}
+  log_pop = np.log(model.item_marginal)
+  pool, kind = sr._retrieve_pools(history, model.item_cluster, log_pop, counts, rng)
+  assert pool.shape == kind.shape == (2000, 10)
+  for kind_id, name in enumerate(sr.RETRIEVAL_KINDS):
+    assert np.all((kind == kind_id).sum(axis=1) == counts[name])
+  srt = np.sort(pool, axis=1)
+  assert np.all(srt[:, 1:] != srt[:, :-1])
+  # Same-cluster items come from the clusters the history touches (<= 3 clusters of
+  # 10 items each, so 5 always fit).
+  for row in range(len(pool)):
+    touched = set(model.item_cluster[history[row][history[row] >= 0]].tolist())
+    assert set(model.item_cluster[pool[row][kind[row] == 0]].tolist()) <= touched
+  # Popular items: drawn proportionally to the model's item marginal, so their mean
+  # log-popularity is above the uniform draws'.
+  assert log_pop[pool[kind == 1]].mean() > log_pop[pool[kind == 2]].mean() + 0.1
+  # The draw does not depend on anything but the history and the random stream.
+  again, _ = sr._retrieve_pools(history, model.item_cluster, log_pop, counts,
+                                np.random.default_rng(0))
+  np.testing.assert_array_equal(again, sr._retrieve_pools(
+      history, model.item_cluster, log_pop, counts, np.random.default_rng(0))[0])
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(num_targets=0), "config.data.num_targets"),
+    (dict(num_targets=2.5, negatives="retrieved"), "config.data.num_targets"),
+    (dict(num_targets=2), "config.data.num_targets"),  # needs retrieved pools
+    (dict(target_decay=0.0), "config.data.target_decay"),
+    (dict(target_decay=1.5), "config.data.target_decay"),
+    (dict(negatives="hard"), "config.data.negatives"),
+    (dict(negatives="retrieved", retrieval_mix="cluster=0.7,uniform=0.7"),
+     "config.data.retrieval_mix"),
+    (dict(negatives="retrieved", retrieval_mix="nearby=1"), "config.data.retrieval_mix"),
+    (dict(negatives="retrieved", retrieval_mix="cluster=x"), "config.data.retrieval_mix"),
+    (dict(negatives="retrieved", retrieval_mix="cluster=-0.5,uniform=1.5"),
+     "config.data.retrieval_mix"),
+    (dict(negatives="retrieved", num_targets=4), "config.data.seq_len"),
+    (dict(pool_size=61), "config.data.pool_size"),
+])
+def test_bad_values_name_the_field(kwargs, field):
+  with pytest.raises(UserError) as err:
+    sr.make_synthetic_recsys(**{**TINY, **kwargs})
+  assert str(err.value).startswith(field) and "\n" not in str(err.value)

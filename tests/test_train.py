@@ -89,6 +89,7 @@ def test_rerun_resumes_and_eval_mode_reproduces(tiny_run):
     ("--config.rollout.group_size=1", "group_size"),
     ("--config.algorithm=ppo", "algorithm"),
     ("--config.reward.advantage=median", "reward.advantage"),
+    ("--config.data.num_targets=0", "data.num_targets"),  # raised by the data generator
 ])
 def test_bad_config_is_one_clear_line(tmp_path, override, field):
   proc = _main(str(tmp_path), override)
@@ -116,6 +117,53 @@ def test_gold_choices_put_relevant_first():
   positions = {int(np.argmax(np.asarray(train.gold_choices(
       relevance, pool_mask, jax.random.key(s), layout))[0, :4] == 2)) for s in range(40)}
   assert positions == {0, 1, 2, 3}
+
+
+def _reference_gold(relevance, pool_mask, k, m):
+  """Plain Python: the slate holds the k best slots by relevance, the ranking its m best.
+
+  Returns, per row, (the ranking's relevances, the slate's relevances best first)."""
+  rows = []
+  for rel, mask in zip(relevance.tolist(), pool_mask.tolist()):
+    valid = sorted((r for r, ok in zip(rel, mask) if ok), reverse=True)
+    rows.append((valid[:m], valid[:k]))
+  return rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gold_choices_follow_any_graded_relevance(seed):
+  """Grades closer than 0.25 (the old `relevance * 4 + noise` broke them) and ties."""
+  layout = rollout.Layout(slate_size=5, rank_size=3, mid_tags=(1, 2), end_tags=(3,))
+  rng = np.random.default_rng(seed)
+  relevance = rng.choice([0.0, 0.0, 0.0, 0.01, 0.05, 0.1, 0.1, 0.12, 0.9], size=(4, 12))
+  pool_mask = np.ones((4, 12), bool)
+  pool_mask[1, 9:] = False
+  relevance[1, 9:] = 5.0  # padding never enters, whatever its relevance
+  choices = np.asarray(train.gold_choices(jnp.asarray(relevance), jnp.asarray(pool_mask),
+                                          jax.random.key(seed), layout))
+  slate, ranking = choices[:, :5], choices[:, 7:10]
+  for row, (want_rank, want_slate) in enumerate(_reference_gold(relevance, pool_mask, 5, 3)):
+    assert relevance[row, ranking[row]].tolist() == want_rank
+    assert sorted(relevance[row, slate[row]].tolist(), reverse=True) == want_slate
+    assert pool_mask[row, slate[row]].all() and len(set(slate[row].tolist())) == 5
+    assert set(ranking[row].tolist()) <= set(slate[row].tolist())
+
+
+def test_gold_choices_unchanged_on_binary_relevance():
+  """Same draws as the old `top_k(relevance * 4 + noise)` whenever grades are 0 / 1, so
+  the committed one-target results reproduce."""
+  layout = rollout.Layout(slate_size=4, rank_size=2, mid_tags=(1, 2), end_tags=(3,))
+  relevance = jnp.asarray(np.random.default_rng(0).random((64, 9)) < 0.2, jnp.float32)
+  pool_mask = jnp.ones((64, 9), bool)
+  for seed in range(3):
+    key = jax.random.key(seed)
+    k_fill, k_order = jax.random.split(key)
+    noise = jax.random.uniform(k_fill, relevance.shape)
+    _, old_slate = jax.lax.top_k(relevance * 4.0 + noise, 4)
+    perm = jnp.argsort(jax.random.uniform(k_order, old_slate.shape), axis=-1)
+    want = rollout.choices_from_slate_ranking(jnp.take_along_axis(old_slate, perm, -1),
+                                              old_slate[:, :2], layout)
+    np.testing.assert_array_equal(train.gold_choices(relevance, pool_mask, key, layout), want)
 
 
 def test_batch_indices_cover_epochs_and_are_pure():

@@ -3,10 +3,11 @@
 Nothing is downloaded: ``make_synthetic_recsys`` draws a catalogue, a population
 of users and their interaction sequences from an explicit, seeded generative
 model, then builds leave-one-out splits in the pool format used by F-GRPO (a
-history, a pool of ``C`` candidate items containing the true next item, and a
-one-hot relevance vector).  Because the generative model is known, every
-example also carries ``oracle_scores``: the exact Bayes-posterior probability
-of each pool item being the next item given the history shown in the prompt.
+history, a pool of ``C`` candidate items holding the next item -- or, with
+``num_targets = n``, some of the next n -- and a relevance vector graded by
+recency).  Because the generative model is known, every example also carries
+``oracle_scores``: the exact Bayes-posterior probability of each pool item being
+relevant (among the next n items) given the history shown in the prompt.
 
 Generative model
 ----------------
@@ -46,24 +47,50 @@ and nothing else::
 
 which is exactly the Bayes-optimal next-item distribution given the prompt
 (split membership and position carry no extra information, because the
-window's law does not depend on its position).  With uniform negatives the
-pool's composition carries no information about which member is the target, so
-``P(target = pool[c] | history, pool) = p*(pool[c]) / sum_c' p*(pool[c'])``
-and ranking the pool by ``oracle_scores`` is the Bayes-optimal ranking (it
-maximises expected Hit@k and NDCG@k).  With ``negatives="popularity"`` the
-scores are still ``p*(item | history)`` but ranking by them is then only
-approximately optimal (popular items are more likely to be negatives).
+window's law does not depend on its position).
 
-Splits (leave-one-out per user, sequences ``x_0 .. x_{L-1}`` 0-based):
-``x_{L-1}`` is the test target, ``x_{L-2}`` the validation target and every
-``x_t`` with ``min_history <= t <= L-3`` is a training target (optionally a
-random ``max_train_per_user`` of them).  The history of target ``x_t`` is
+Targets and relevance
+---------------------
+The relevant items of an example are the user's next ``n = num_targets`` items
+``x_t .. x_{t+n-1}``, graded by recency: the j-th (j = 0, 1, ...) has relevance
+``target_decay ** j``; an item that comes back keeps its earliest grade.  The
+oracle score of a pool item is the exact probability that it is among them::
+
+    P(c in next n | window) = sum_u P(u | window) * sum_{j=1..n} F_j(u, last, c)
+
+with ``F_j`` the first-visit probabilities of the type-``u`` chain
+(``SyntheticRecsysModel.first_visits``); with ``n = 1`` this is ``p*(c | window)``.
+
+Pools (``negatives``)
+---------------------
+* ``uniform`` / ``popularity`` (one target only): the target plus ``C - 1``
+  distinct negatives drawn from the catalogue minus the target (uniformly, or
+  proportionally to add-one-smoothed training popularity), randomly permuted so
+  the target's slot is uniform.  With uniform negatives the pool's composition
+  carries no information about which member is the target, so
+  ``P(target = pool[c] | history, pool) ∝ p*(pool[c] | history)`` and ranking by
+  ``oracle_scores`` is Bayes-optimal.  With popularity negatives ranking by them is
+  only approximately optimal (popular items are more likely to be negatives).
+* ``retrieved``: the pool is drawn from the history alone, never from the
+  future -- ``retrieval_mix`` shares of hard negatives from the clusters the
+  history touches, popular items (the model's own item marginal, so no sampled
+  sequence is involved) and uniform items -- and an example is kept only if its
+  pool holds at least one target.  Because the pool's law Q(S | window) does not
+  depend on the targets, conditioning on (window, S, kept) gives
+  ``P(c relevant | window, S, kept) = P(c in next n | window) / P(kept | window, S)``
+  for every c in S: the oracle scores are exact up to a per-row constant, so the
+  top-1 by oracle score is the Bayes choice for Hit@1, and the top-k maximises the
+  expected number of relevant items in the slate, whatever Q is.
+
+Splits (per user, sequences ``x_0 .. x_{L-1}`` 0-based, n targets): the test
+targets are the last n items, the validation targets the n before them, and every
+window whose first target ``x_t`` has ``min_history <= t <= L - 3n`` is a training
+example (optionally a random ``max_train_per_user`` of them), so no training target
+is a validation or test target.  With n = 1 this is leave-one-out: ``x_{L-1}``
+test, ``x_{L-2}`` validation.  The history of target ``x_t`` is
 ``x_{max(0, t-H)} .. x_{t-1}``, left-padded with ``-1`` to ``H = history_len``.
-The pool is the target plus ``C - 1`` distinct negatives drawn from the
-catalogue minus the target (uniformly, or proportionally to add-one-smoothed
-training popularity), randomly permuted so the target's slot is uniform.
 
-Only numpy and the standard library are used.
+Only numpy, the standard library and fgrpo_jax.errors are used.
 """
 
 from __future__ import annotations
@@ -73,6 +100,8 @@ import time
 from typing import Any, Iterable
 
 import numpy as np
+
+from fgrpo_jax.errors import UserError
 
 __all__ = [
     "RecsysExamples",
@@ -300,11 +329,51 @@ class SyntheticRecsysModel:
     rows = np.where(empty[None, :, None], self.initial[:, None, :], rows)
     return np.einsum("nt,tni->ni", post, rows)
 
-  def oracle_scores(self, history: np.ndarray, pool: np.ndarray,
+  @property
+  def item_marginal(self) -> np.ndarray:
+    """float64 [I] the model's own item popularity: sum_u P(u) pi_u(i)."""
+    return self.type_prior @ self.initial
+
+  def first_visits(self, num_steps: int) -> np.ndarray:
+    """First-visit probabilities: float64 [num_steps, T, I, I].
+
+    ``[j-1, u, i, c]`` = P(x_j = c and x_1..x_{j-1} != c | type u, x_0 = i): step 1
+    is the transition itself, then F_{j+1}[i, c] = sum_{l != c} p(l | u, i) F_j[l, c]
+    (the diagonal is the first return to the start item).
+    """
+    visits = [self.transition]
+    for _ in range(1, num_steps):
+      prev = visits[-1]
+      first_return = np.einsum("tcc->tc", prev)                    # [T, I]
+      visits.append(self.transition @ prev - self.transition * first_return[:, None, :])
+    return np.stack(visits)
+
+  def target_tables(self, num_targets: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """P(item c is among the next ``num_targets`` items | type, window).
+
+    Returns (after_item float64 [T, I, I]: [u, i, c] given last item i;
+    at_start float64 [T, I]: [u, c] given an empty window, x_1 ~ pi_u).
+    With one target these are the transition table and pi_u themselves.
+    """
+    if num_targets == 1:
+      return self.transition, self.initial
+    visits = self.first_visits(num_targets)
+    after_item = visits.sum(axis=0)
+    shorter = visits[:-1].sum(axis=0)                             # next n-1 items
+    # x_1 = c, or x_1 = i != c and c among the n-1 items after i.
+    at_start = (self.initial + np.einsum("ti,tic->tc", self.initial, shorter)
+                - self.initial * np.einsum("tcc->tc", shorter))
+    return after_item, at_start
+
+  def oracle_scores(self, history: np.ndarray, pool: np.ndarray, num_targets: int = 1,
                     chunk: int = 16384) -> np.ndarray:
-    """p*(pool item | window): float64 [N, C] (vectorised, chunked)."""
+    """P(pool item is among the next ``num_targets`` items | window): float64 [N, C].
+
+    With one target this is p*(pool item | window). Vectorised, chunked.
+    """
     history = np.asarray(history)
     pool = np.asarray(pool)
+    after_item, at_start = self.target_tables(num_targets)
     out = np.empty(pool.shape, dtype=np.float64)
     for s in range(0, len(pool), chunk):
       h = history[s:s + chunk]
@@ -312,9 +381,9 @@ class SyntheticRecsysModel:
       post = self.posterior(h)
       last = h[:, -1] if h.shape[1] else np.full(len(h), PAD)
       empty = last == PAD
-      vals = self.transition[:, np.where(empty, 0, last)[:, None], p]  # [T, n, C]
+      vals = after_item[:, np.where(empty, 0, last)[:, None], p]      # [T, n, C]
       if np.any(empty):
-        init_vals = self.initial[:, p]                                  # [T, n, C]
+        init_vals = at_start[:, p]                                    # [T, n, C]
         vals = np.where(empty[None, :, None], init_vals, vals)
       out[s:s + chunk] = np.einsum("nt,tnc->nc", post, vals)
     return out
@@ -426,7 +495,7 @@ class RecsysDataset:
       metrics[name] = {"hit@1": m["hit@1"], "hit@5": m["hit@5"],
                        "ndcg@5": m["ndcg@5"]}
     res["metrics"] = metrics
-    if ex.oracle_scores is not None:
+    if ex.oracle_scores is not None and self.info.get("config", {}).get("num_targets", 1) == 1:
       res["oracle_expected_hit@1"] = float(oracle_expected_hit1(ex.oracle_scores))
     for k in ("generation_seconds",):
       if k in self.info:
@@ -625,6 +694,98 @@ def _sample_pools(targets: np.ndarray, num_items: int, pool_size: int,
   return pool, slot
 
 
+RETRIEVAL_KINDS = ("cluster", "popularity", "uniform")  # draw order inside a retrieved pool
+
+
+def parse_retrieval_mix(text: str) -> dict[str, float]:
+  """"cluster=0.5,popularity=0.25,uniform=0.25" -> shares of a retrieved pool.
+
+  Kinds left out get 0; the shares must lie in [0, 1] and sum to 1.
+  """
+  field = "config.data.retrieval_mix"
+  shares = dict.fromkeys(RETRIEVAL_KINDS, 0.0)
+  for part in (p.strip() for p in str(text).split(",") if p.strip()):
+    name, eq, value = part.partition("=")
+    name = name.strip()
+    if not eq or name not in shares:
+      raise UserError(f"{field}={text!r}: {part!r} is not kind=share with a kind of "
+                      f"{', '.join(RETRIEVAL_KINDS)}")
+    try:
+      shares[name] = float(value)
+    except ValueError:
+      raise UserError(f"{field}={text!r}: share {value!r} of {name} is not a number") from None
+    if not 0.0 <= shares[name] <= 1.0:
+      raise UserError(f"{field}={text!r}: share of {name} must be in [0, 1]")
+  if abs(sum(shares.values()) - 1.0) > 1e-6:
+    raise UserError(f"{field}={text!r}: the shares must sum to 1")
+  return shares
+
+
+def retrieval_counts(shares: dict[str, float], pool_size: int) -> dict[str, int]:
+  """Pool slots per kind: round(share * C) same-cluster and popular items, the rest uniform."""
+  cluster = min(int(round(shares["cluster"] * pool_size)), pool_size)
+  popularity = min(int(round(shares["popularity"] * pool_size)), pool_size - cluster)
+  return {"cluster": cluster, "popularity": popularity,
+          "uniform": pool_size - cluster - popularity}
+
+
+def _retrieve_pools(history: np.ndarray, item_cluster: np.ndarray, log_popularity: np.ndarray,
+                    counts: dict[str, int], rng: np.random.Generator,
+                    chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """Pools drawn from the history alone (never from the items that follow it).
+
+  For each kind in RETRIEVAL_KINDS order, ``counts[kind]`` items not drawn yet, by
+  Gumbel-top-k (sampling without replacement): ``cluster`` uniformly among the items
+  of the clusters the history touches (then elsewhere, if those run out),
+  ``popularity`` proportionally to exp(log_popularity), ``uniform`` uniformly.
+  history int [N, H] (-1 padding) -> (pool int32 [N, C], kind int8 [N, C]: index into
+  RETRIEVAL_KINDS), each row shuffled.
+  """
+  n = len(history)
+  num_items = len(item_cluster)
+  num_clusters = int(item_cluster.max()) + 1
+  size = sum(counts.values())
+  pool = np.empty((n, size), dtype=np.int32)
+  kind = np.empty((n, size), dtype=np.int8)
+  for s in range(0, n, chunk):
+    h = history[s:s + chunk]
+    m = len(h)
+    rows = np.arange(m)[:, None]
+    touched = np.zeros((m, num_clusters), bool)
+    touched[np.broadcast_to(rows, h.shape)[h >= 0], item_cluster[h[h >= 0]]] = True
+    log_weights = {
+        "cluster": np.where(touched[:, item_cluster], 0.0, -1e4),  # [m, I]
+        "popularity": np.broadcast_to(log_popularity, (m, num_items)),
+        "uniform": np.zeros((m, num_items)),
+    }
+    taken = np.zeros((m, num_items), bool)
+    start = 0
+    for kind_id, name in enumerate(RETRIEVAL_KINDS):
+      count = counts[name]
+      if not count:
+        continue
+      keys = -(log_weights[name] + rng.gumbel(size=(m, num_items)))   # smaller = drawn
+      keys[taken] = np.inf
+      drawn = np.argpartition(keys, count - 1, axis=1)[:, :count]
+      taken[rows, drawn] = True
+      pool[s:s + m, start:start + count] = drawn
+      kind[s:s + m, start:start + count] = kind_id
+      start += count
+  perm = np.argsort(rng.random((n, size)), axis=1)
+  return np.take_along_axis(pool, perm, 1), np.take_along_axis(kind, perm, 1)
+
+
+def graded_relevance(pool: np.ndarray, targets: np.ndarray, decay: float) -> np.ndarray:
+  """pool int [N, C], targets int [N, n] (next item first) -> relevance float32 [N, C].
+
+  The j-th next item (j = 0, 1, ...) has relevance decay**j; an item that comes back
+  keeps its earliest (highest) grade; pool items outside the targets get 0.
+  """
+  grades = decay ** np.arange(targets.shape[1], dtype=np.float64)           # [n]
+  hits = pool[:, :, None] == targets[:, None, :]                            # [N, C, n]
+  return np.where(hits, grades, 0.0).max(axis=2).astype(np.float32)
+
+
 def make_synthetic_recsys(*, num_items: int = 200, num_clusters: int = 10,
                           num_user_types: int = 8, num_users: int = 4000,
                           seq_len: int = 20, history_len: int = 10,
@@ -634,7 +795,9 @@ def make_synthetic_recsys(*, num_items: int = 200, num_clusters: int = 10,
                           clusters_per_type: int | None = 3,
                           num_successors: int = 2, zipf_exponent: float = 1.0,
                           min_history: int | None = None, seed: int = 0,
-                          max_train_per_user: int | None = None
+                          max_train_per_user: int | None = None, num_targets: int = 1,
+                          target_decay: float = 0.5,
+                          retrieval_mix: str = "cluster=0.5,popularity=0.25,uniform=0.25"
                           ) -> RecsysDataset:
   """Generates the synthetic task (model, sequences, leave-one-out splits).
 
@@ -643,8 +806,11 @@ def make_synthetic_recsys(*, num_items: int = 200, num_clusters: int = 10,
     num_users, seq_len: number and length of generated sequences.
     history_len: H, items shown in the prompt (most recent last, -1 padded).
     pool_size: C, candidates per example (target + C-1 negatives).
-    negatives: "uniform" (default; oracle exactly Bayes-optimal) or
-      "popularity" (proportional to add-one-smoothed training counts).
+    negatives: how the pool is made.  "uniform" (default; oracle exactly
+      Bayes-optimal) or "popularity" (proportional to add-one-smoothed training
+      counts): the target plus C-1 sampled negatives (one target only).
+      "retrieved": C items drawn from the history alone (``retrieval_mix``);
+      examples whose pool holds none of the targets are dropped (oracle exact).
     alpha: weight of the cluster-transition part vs. the user's taste.
     beta: probability mass of the item's follow-up item (item stickiness).
     taste_concentration: Dirichlet concentration of type tastes (small=sparse).
@@ -656,18 +822,33 @@ def make_synthetic_recsys(*, num_items: int = 200, num_clusters: int = 10,
     seed: controls everything (model, users, sequences, pools).
     max_train_per_user: keep a random subset of this many training examples
       per user (default: all).
+    num_targets: n, relevant items per example: the user's next n items.
+    target_decay: relevance of the j-th next item (j = 0, 1, ...) is
+      target_decay**j (graded by recency; the next item has 1).
+    retrieval_mix: negatives="retrieved": shares of same-cluster, popular and
+      uniform items in the pool (see parse_retrieval_mix).
   """
   t0 = time.perf_counter()
-  if negatives not in ("uniform", "popularity"):
-    raise ValueError(f"negatives must be 'uniform' or 'popularity', got {negatives!r}")
+  if negatives not in ("uniform", "popularity", "retrieved"):
+    raise UserError(f"config.data.negatives={negatives!r} is unknown "
+                    "(uniform, popularity or retrieved)")
+  if not (isinstance(num_targets, (int, np.integer)) and num_targets >= 1):
+    raise UserError(f"config.data.num_targets={num_targets!r} must be an integer >= 1")
+  if num_targets > 1 and negatives != "retrieved":
+    raise UserError(f"config.data.num_targets={num_targets} needs config.data.negatives="
+                    f"retrieved (with {negatives} negatives the pool is built around one target)")
+  if not 0.0 < target_decay <= 1.0:
+    raise UserError(f"config.data.target_decay={target_decay!r} must be in (0, 1]")
   if min_history is None:
     min_history = max(1, history_len // 2)
   if min_history < 1:
-    raise ValueError("min_history must be >= 1")
-  if seq_len < min_history + 3:
-    raise ValueError("seq_len must be >= min_history + 3 (train + val + test)")
+    raise UserError(f"config.data.min_history={min_history} must be >= 1")
+  if seq_len < min_history + 3 * num_targets:
+    raise UserError(f"config.data.seq_len={seq_len} must be >= min_history + 3 x num_targets "
+                    f"= {min_history + 3 * num_targets} (train, validation and test targets)")
   if not 2 <= pool_size <= num_items:
-    raise ValueError("need 2 <= pool_size <= num_items")
+    raise UserError(f"config.data.pool_size={pool_size} must be in [2, num_items={num_items}]")
+  mix = parse_retrieval_mix(retrieval_mix) if negatives == "retrieved" else None
 
   ss = np.random.SeedSequence(seed)
   ss_model, ss_seq, ss_split, ss_pool = ss.spawn(4)
@@ -686,12 +867,14 @@ def make_synthetic_recsys(*, num_items: int = 200, num_clusters: int = 10,
   user_types, seqs = model.sample_sequences(num_users, seq_len, rng_seq)
 
   # Popularity = counts over every position that is not a val/test target.
-  train_part = seqs[:, : seq_len - 2]
+  n_t = num_targets
+  train_part = seqs[:, : seq_len - 2 * n_t]
   item_popularity = np.bincount(train_part.ravel(), minlength=num_items)
   item_popularity = item_popularity.astype(np.float32)
 
-  # Example positions.
-  train_t = np.arange(min_history, seq_len - 2)
+  # Example positions (of the first target): test = the last n items, validation
+  # the n before them, training windows whose targets all precede validation's.
+  train_t = np.arange(min_history, seq_len - 3 * n_t + 1)
   n_pos = len(train_t)
   if max_train_per_user is not None and max_train_per_user < n_pos:
     keys = rng_split.random((num_users, n_pos))
@@ -704,22 +887,29 @@ def make_synthetic_recsys(*, num_items: int = 200, num_clusters: int = 10,
   all_users = np.arange(num_users)
   specs = {
       "train": (tr_users, tr_t),
-      "validation": (all_users, np.full(num_users, seq_len - 2)),
-      "test": (all_users, np.full(num_users, seq_len - 1)),
+      "validation": (all_users, np.full(num_users, seq_len - 2 * n_t)),
+      "test": (all_users, np.full(num_users, seq_len - n_t)),
   }
   log_w = None
   if negatives == "popularity":
     log_w = np.log(item_popularity.astype(np.float64) + 1.0)
 
   splits = {}
+  dropped = {}
   for name, (users, t) in specs.items():
     hist = _build_histories(seqs, users, t, history_len)
-    targets = seqs[users, t]
-    pool, slot = _sample_pools(targets, num_items, pool_size, log_w,
-                               rng_pools[name])
-    rel = np.zeros(pool.shape, dtype=np.float32)
-    rel[np.arange(len(pool)), slot] = 1.0
-    oracle = model.oracle_scores(hist, pool).astype(np.float32)
+    targets = seqs[users[:, None], t[:, None] + np.arange(n_t)]        # [N, n]
+    if mix is None:
+      pool, _ = _sample_pools(targets[:, 0], num_items, pool_size, log_w, rng_pools[name])
+    else:
+      # The model's own popularity: independent of every sampled sequence.
+      pool, _ = _retrieve_pools(hist, model.item_cluster, np.log(model.item_marginal),
+                                retrieval_counts(mix, pool_size), rng_pools[name])
+    rel = graded_relevance(pool, targets, target_decay)
+    keep = rel.max(axis=1) > 0          # retrieved pools may miss every target
+    dropped[name] = int((~keep).sum())
+    hist, pool, rel, users = hist[keep], pool[keep], rel[keep], users[keep]
+    oracle = model.oracle_scores(hist, pool, n_t).astype(np.float32)
     splits[name] = RecsysExamples(
         history=hist, pool=pool, relevance=rel, oracle_scores=oracle,
         user=users.astype(np.int32))
@@ -733,8 +923,9 @@ def make_synthetic_recsys(*, num_items: int = 200, num_clusters: int = 10,
                 clusters_per_type=clusters_per_type,
                 num_successors=num_successors, zipf_exponent=zipf_exponent,
                 min_history=min_history, seed=seed,
-                max_train_per_user=max_train_per_user)
-  info = {"config": config,
+                max_train_per_user=max_train_per_user, num_targets=num_targets,
+                target_decay=target_decay, retrieval_mix=retrieval_mix)
+  info = {"config": config, "dropped": dropped,
           "generation_seconds": round(time.perf_counter() - t0, 4)}
   return RecsysDataset(
       train=splits["train"], validation=splits["validation"],

@@ -267,7 +267,9 @@ def _load(config, workdir, log) -> Task:
     dataset = synthetic_recsys.make_synthetic_recsys(
         num_items=d.num_items, num_clusters=d.num_clusters, num_user_types=d.num_user_types,
         num_users=d.num_users, seq_len=d.seq_len, history_len=d.history_len,
-        pool_size=d.pool_size, negatives=d.negatives, seed=config.seed)
+        pool_size=d.pool_size, negatives=d.negatives, seed=config.seed,
+        num_targets=d.get("num_targets", 1), target_decay=d.get("target_decay", 0.5),
+        retrieval_mix=d.get("retrieval_mix", ""))
     return recsys_task(dataset, d.name)
   if d.name in REAL_RECSYS:
     from fgrpo_jax.data import recsys_real
