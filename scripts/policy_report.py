@@ -106,6 +106,10 @@ def main(argv=None):
   init = llama.init_params(cfg, jax.random.key(0))  # the checkpoint's layout
   popularity = target_popularity(task.splits["train"])
   for workdir in a.workdirs.split(","):
+    run_config = os.path.join(workdir, train.RUN_CONFIG)
+    if os.path.exists(run_config):  # the run's own algorithm names its last stage
+      with open(run_config) as f:
+        config.algorithm = json.load(f)["config"]["algorithm"]
     stage, params = train.latest_checkpoint(workdir, config, init)
     if params is None:
       print(f"{workdir}: no checkpoint")

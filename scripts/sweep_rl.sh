@@ -38,6 +38,7 @@ SETTINGS=(
   "grpo --config.algorithm=grpo"
   "rank_ideal_slate --config.reward.rank_ideal=slate"
   "inner_4 --config.rl.inner_steps=4"
+  "kl_0.01 --config.rl.kl_coef=0.01"
   "temperature_1.5 --config.rollout.temperature=1.5"
   "steps_1000 --config.rl.steps=1000 --config.eval.every=250"
 )
@@ -47,6 +48,7 @@ run_one() {
   # Another invocation may still be running its own runs: wait for a free slot.
   sleep $((RANDOM % 20))
   while [ "$(pgrep -fc "workdir=$OUT/")" -ge "${JOBS:-2}" ]; do sleep 30; done
+  mkdir "$OUT/$name" 2>/dev/null || return 0  # claimed while this one waited
   $PY -m fgrpo_jax.main $COMMON --config.sft.init_from="$WARM" "$@" --workdir="$OUT/$name" \
     > "$OUT/$name.log" 2>&1
 }
