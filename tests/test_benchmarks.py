@@ -78,9 +78,10 @@ def _finish(started):
   return proc.returncode, texts[0], texts[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Runs the rollout benchmark, then starts the others before the first test."""
+  """Runs the rollout benchmark, then starts the others before the first test that asks
+  for them (only the end-to-end tests do: the analytic ones stay in make test-fast)."""
   env = _env(tmp_path_factory.mktemp("jax_cache"))
   logs = tmp_path_factory.mktemp("bench_logs")
   results, started = {}, {}
