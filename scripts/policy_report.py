@@ -61,13 +61,12 @@ def top1_profile(params, arrays, popularity, *, cfg, layout, batch_size):
   """
   keys = ("prompt", "prompt_mask", "cand_tokens", "pool_mask")
   n = arrays["prompt"].shape[0]
-  sample = jax.jit(rollout.sample, static_argnames=("cfg", "layout", "group_size", "greedy"))
   firsts = []
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
     batch = {k: jnp.asarray(arrays[k][idx]) for k in keys}
-    ro = sample(params, batch, jax.random.key(0), cfg=cfg, layout=layout, group_size=1,
-                greedy=True)
+    ro = rollout.sample(params, batch, jax.random.key(0), cfg=cfg, layout=layout,
+                        group_size=1, greedy=True)  # jitted already
     slot = np.asarray(ro.ranking)[:, 0, 0]
     firsts.append(arrays["cand_tokens"][idx, slot])
   firsts = np.concatenate(firsts)

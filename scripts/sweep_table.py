@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def read_rows(run_dir: str) -> list[dict]:
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+from fgrpo_jax import compare  # noqa: E402
 
 
 def validation_curve(rows: list[dict], stages=("rl", "sft_more")) -> list[tuple[int, dict]]:
@@ -47,7 +44,7 @@ def stage_mean(rows: list[dict], key: str, part: str) -> float:
 
 def warm_start_validation(warm_dir: str) -> dict:
   """The warm start's last validation metrics (end of SFT)."""
-  curve = validation_curve(read_rows(warm_dir), stages=("sft",))
+  curve = validation_curve(compare.read_history(warm_dir), stages=("sft",))
   return curve[-1][1] if curve else {}
 
 
@@ -72,7 +69,7 @@ def table(sweep: str, warm_dir: str) -> str:
     run_dir = os.path.join(sweep, name)
     if not os.path.isdir(run_dir) or os.path.realpath(run_dir) == os.path.realpath(warm_dir):
       continue
-    rows = read_rows(run_dir)
+    rows = compare.read_history(run_dir)
     curve = validation_curve(rows)
     if not curve:
       continue
