@@ -236,7 +236,7 @@ def test_qwen3_5_lora_forward_merge_and_export_give_the_same_logits(tmp_path):
   assert np.abs(logits - np.asarray(_forward(base, tokens, cfg=QWEN))).max() > 1e-2
   out = hf.save_hf_checkpoint(jax.device_get(merged), QWEN, tmp_path / "merged",
                               architecture="Qwen3_5ForCausalLM")
-  cfg, params = _base(out)
+  cfg, params = hf.load_config_and_params(out)
   assert dataclasses.replace(cfg, chunk_size=QWEN.chunk_size) == QWEN  # a compute setting
   np.testing.assert_array_equal(np.asarray(_forward(params, tokens, cfg=QWEN)), logits)
   lora.save_adapters(ad, lcfg, tmp_path / "adapter", cfg=QWEN)
@@ -311,12 +311,6 @@ def lora_run(tiny_hf_checkpoint, tmp_path_factory):
           "rl_calls": calls}
 
 
-def _base(ckpt):
-  hf_config, _ = hf.read_hf_config(ckpt)
-  cfg = hf.config_from_hf(hf_config)
-  return cfg, hf.load_hf_params(ckpt, cfg)
-
-
 def test_lora_run_trains_and_writes_eval_json(lora_run):
   result, log = lora_run["result"], lora_run["log"]
   with open(os.path.join(lora_run["workdir"], "eval.json")) as f:
@@ -349,7 +343,7 @@ def test_checkpoints_hold_adapters_only_and_resume(lora_run):
 
 
 def test_kl_reference_is_the_base_without_adapters(lora_run):
-  cfg, base = _base(lora_run["ckpt"])
+  cfg, base = hf.load_config_and_params(lora_run["ckpt"])
   assert len(lora_run["rl_calls"]) == 2
   for ref_params, frozen in lora_run["rl_calls"]:
     assert ref_params is frozen.params  # the frozen base itself, no adapters, no copy
@@ -367,7 +361,7 @@ def test_export_round_trips_merged_params(lora_run, tmp_path):
   assert sorted(p.name for p in out.iterdir()) == [
       "adapter", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
   # The merged params of the run, rebuilt here from the base and the rl checkpoint.
-  cfg, base = _base(ckpt)
+  cfg, base = hf.load_config_and_params(ckpt)
   config = _run_config(ckpt)
   lcfg = lora.config_from_model_config(config.model)
   like = lora.init_adapters(cfg, lcfg, jax.random.key(0))

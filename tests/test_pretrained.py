@@ -44,9 +44,7 @@ def test_zero_shot_eval_evaluates_the_pretrained_weights(tiny_hf_checkpoint, tmp
   # The same numbers as a direct greedy evaluation of the checkpoint's weights.
   config = _config(ckpt)
   task = tasks.load_task(config)
-  hf_config, _ = hf.read_hf_config(ckpt)
-  cfg = hf.config_from_hf(hf_config)
-  params = hf.load_hf_params(ckpt, cfg)
+  cfg, params = hf.load_config_and_params(ckpt)
   test = train._subset(task.splits["test"], 64, config.seed + 1)
   layout = task.layout_fn(config.rollout.slate_size, config.rollout.rank_size)
   direct = evaluate.evaluate_model(params, test, cfg=cfg, layout=layout, batch_size=64)

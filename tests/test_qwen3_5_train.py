@@ -68,12 +68,6 @@ def qwen_run(tmp_path_factory):
   return {"ckpt": ckpt, "workdir": workdir, "result": result, "log": "\n".join(lines)}
 
 
-def _load(directory):
-  hf_config, _ = hf.read_hf_config(directory)
-  cfg = hf.config_from_hf(hf_config)
-  return cfg, hf.load_hf_params(directory, cfg)
-
-
 def test_qwen3_5_checkpoint_trains_with_fgrpo_and_writes_eval_json(qwen_run):
   result, log = qwen_run["result"], qwen_run["log"]
   with open(os.path.join(qwen_run["workdir"], "eval.json")) as f:
@@ -100,10 +94,10 @@ def test_trained_qwen3_5_exports_as_qwen3_5_with_the_same_logits(qwen_run, tmp_p
   assert written["architectures"] == ["Qwen3_5ForCausalLM"]
   assert (written["model_type"], written["layer_types"]) == ("qwen3_5_text",
                                                              list(CFG.layer_types))
-  cfg, base = _load(ckpt)
+  cfg, base = hf.load_config_and_params(ckpt)
   stage, trained = train.latest_checkpoint(workdir, _config(ckpt), base)
   assert stage == "rl"
-  back_cfg, back = _load(out)
+  back_cfg, back = hf.load_config_and_params(out)
   assert back_cfg == cfg == dataclasses.replace(CFG, chunk_size=cfg.chunk_size)
   for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -719,14 +719,19 @@ def read_hf_config(path) -> tuple[dict, Path]:
     raise UserError(f"{config_path}: invalid JSON ({e})") from None
 
 
+def load_config_and_params(path, dtype="float32", shardings=None) -> tuple[ModelConfig, Params]:
+  """(our config, params) of a local HF checkpoint directory or .gguf file, no tokenizer."""
+  hf, config_path = read_hf_config(path)
+  cfg = config_from_hf(hf, dtype=dtype, source=str(config_path))
+  return cfg, load_hf_params(path, cfg, dtype=dtype, shardings=shardings)
+
+
 def load_pretrained(path, dtype="float32", shardings=None) -> PretrainedModel:
   """Loads a local HF checkpoint directory (never the network).
 
   Parameters and compute use `dtype`; `.logits` always returns float32.
   """
-  hf, config_path = read_hf_config(path)
-  cfg = config_from_hf(hf, dtype=dtype, source=str(config_path))
-  params = load_hf_params(path, cfg, dtype=dtype, shardings=shardings)
+  cfg, params = load_config_and_params(path, dtype=dtype, shardings=shardings)
   from fgrpo_jax.data import text_prompts  # light; imports nothing of ours back
   tokenizer = text_prompts.load_tokenizer(str(path))
   return PretrainedModel(tokenizer=tokenizer, config=cfg, params=params, path=Path(path))
