@@ -186,14 +186,6 @@ def make_batch(num_prompts: int, prompt_len: int, pool: int, vocab: int, seed: i
   return batch
 
 
-def device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  return {k: jnp.asarray(v) for k, v in batch.items()}
-
-
-def model_batch(batch):
-  return {k: batch[k] for k in ("prompt", "prompt_mask", "cand_tokens", "pool_mask")}
-
-
 def load_config(name: str = "default"):
   """configs/recsys.py:get_config(name), imported by path (configs/ is no package)."""
   spec = importlib.util.spec_from_file_location("_fgrpo_recsys_config",

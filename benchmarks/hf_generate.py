@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
+from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 from common import llama, rollout_lib  # noqa: E402
 
 
@@ -103,8 +104,8 @@ def main(argv=None) -> int:
   lay = common.layout(a.slate, a.rank)
   B, G, P, T = a.prompts, a.group, a.prompt_len, lay.length
   params = llama.init_params(cfg, jax.random.key(a.seed))
-  np_batch = common.model_batch(common.make_batch(B, P, a.pool, a.vocab, a.seed))
-  batch = common.device_batch(np_batch)
+  np_batch = arrays_lib.model_inputs(common.make_batch(B, P, a.pool, a.vocab, a.seed))
+  batch = arrays_lib.device_batch(np_batch)
   model = hf_model(params, cfg, P + T)
 
   # Same model: logits of the prompts' last position.

@@ -1,4 +1,4 @@
-"""Wall time of one RL step (`fgrpo_jax.train.rl_step`: rollout, rewards, update).
+"""Wall time of one RL step (`fgrpo_jax.steps.rl_step`: rollout, rewards, update).
 
 The workload is benchmarks/common.py's (random float32 weights, random prompts of
 exactly --prompt-len tokens ending in the pool, random graded relevance); the RL
@@ -7,13 +7,13 @@ rollout.group_size/slate_size/rank_size taken from the flags:
 `RLSettings.from_config(config)`, `make_optimizer(config.optim, config.rl.lr,
 config.rl.steps)`, no reference model (rl.kl_coef = 0).
 
-seconds_per_step is the median of the fused, jitted `train.rl_step`. The split
+seconds_per_step is the median of the fused, jitted `steps.rl_step`. The split
 times the three pieces as separate jitted calls, in alternation with the fused
 step (so all four see the same share of a shared machine):
 
     rollout  rollout.sample
     reward   per-phase rewards + group advantages
-    update   train.policy_update: config.rl.inner_steps x (teacher-forced log-probs,
+    update   steps_lib.policy_update: config.rl.inner_steps x (teacher-forced log-probs,
              clipped surrogate, gradient, AdamW)
 
 --train-forward adds the prefix-sharing comparison of the training forward:
@@ -38,30 +38,31 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
+from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 from common import decoder, llama, rollout_lib  # noqa: E402
-from fgrpo_jax import train  # noqa: E402
+from fgrpo_jax import steps as steps_lib  # noqa: E402
 
 
 # ----------------------------------------------------------------------------
-# The pieces of train.rl_step as separate jitted calls (for the split only).
+# The pieces of steps.rl_step as separate jitted calls (for the split only).
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "rank_size"))
 def reward_piece(ro: rollout_lib.Rollout, relevance, *, settings, rank_size):
-  r_gen, r_rank, rank_ok = train.rollout_rewards(ro, relevance, settings, rank_size)
-  token_adv, _, loss_ids = train.rl_advantages(r_gen, r_rank, rank_ok, ro.phase_ids, settings)
+  r_gen, r_rank, rank_ok = steps_lib.rollout_rewards(ro, relevance, settings, rank_size)
+  token_adv, _, loss_ids = steps_lib.rl_advantages(r_gen, r_rank, rank_ok, ro.phase_ids, settings)
   return token_adv, loss_ids
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "optimizer", "settings"),
                    donate_argnums=0)
-def update_piece(state: train.TrainState, mb, ro: rollout_lib.Rollout, token_adv, *, cfg,
+def update_piece(state: steps_lib.TrainState, mb, ro: rollout_lib.Rollout, token_adv, *, cfg,
                  layout, optimizer, settings):
-  """The update part of train.rl_step (`train.policy_update`, no reference model)."""
-  params, opt_state, metrics = train.policy_update(
-      state.params, state.opt_state, mb, ro, token_adv, train.loss_groups(settings), None,
+  """The update part of steps.rl_step (`steps.policy_update`, no reference model)."""
+  params, opt_state, metrics = steps_lib.policy_update(
+      state.params, state.opt_state, mb, ro, token_adv, steps_lib.loss_groups(settings), None,
       cfg=cfg, layout=layout, optimizer=optimizer, settings=settings)
-  return train.TrainState(params, opt_state, state.step + 1), metrics["loss"]
+  return steps_lib.TrainState(params, opt_state, state.step + 1), metrics["loss"]
 
 
 # ----------------------------------------------------------------------------
@@ -152,20 +153,20 @@ def main(argv=None) -> int:
   cfg = common.model_config(a)
   lay = common.layout(a.slate, a.rank)
   config = rl_config(a)
-  settings = train.RLSettings.from_config(config)
-  optimizer = train.make_optimizer(config.optim, config.rl.lr,
+  settings = steps_lib.RLSettings.from_config(config)
+  optimizer = steps_lib.make_optimizer(config.optim, config.rl.lr,
                                    config.rl.steps * config.rl.inner_steps)
   params = common.init_params(cfg, a.seed)
-  batch = common.device_batch(common.make_batch(a.prompts, a.prompt_len, a.pool, a.vocab,
+  batch = arrays_lib.device_batch(common.make_batch(a.prompts, a.prompt_len, a.pool, a.vocab,
                                                 a.seed, relevance=True))
-  mb = common.model_batch(batch)
+  mb = arrays_lib.model_inputs(batch)
   key = jax.random.key(a.seed + 1)
   B, G, P, T = a.prompts, a.group, a.prompt_len, lay.length
   static = dict(cfg=cfg, layout=lay, optimizer=optimizer)
 
   def fresh():  # rl_step and update_piece donate their state: give them a copy
     own = jax.tree.map(jnp.copy, params)
-    return train.TrainState(own, optimizer.init(own), jnp.zeros((), jnp.int32))
+    return steps_lib.TrainState(own, optimizer.init(own), jnp.zeros((), jnp.int32))
 
   # The fused step and the three pieces, timed in alternation. States are donated:
   # each chain threads its own through its calls.
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
   held = {}
 
   def fused():
-    state["fused"], metrics = train.rl_step(state["fused"], None, batch, key,
+    state["fused"], metrics = steps_lib.rl_step(state["fused"], None, batch, key,
                                             settings=settings, **static)
     return metrics
 
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
   if a.json:
     common.print_json(out)
     return 0
-  print(common.header("fgrpo_jax RL step benchmark (train.rl_step)", m, a))
+  print(common.header("fgrpo_jax RL step benchmark (steps.rl_step)", m, a))
   print(f"{out['num_params']:,} parameters; {settings.algorithm}, "
         f"{settings.inner_steps} inner gradient steps per rollout batch, T = {T}; matmul peak "
         f"({a.peak_size}^2 f32, best call) {common.gflops(peak_fs)} GFLOP/s")

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
+from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 from common import decoder, llama, rollout_lib  # noqa: E402
 
 SWEEPS = {
@@ -130,7 +131,7 @@ def _setup(a, params=None):
   lay = common.layout(a.slate, a.rank)
   if params is None:
     params = common.init_params(cfg, a.seed)
-  batch = common.device_batch(common.model_batch(common.make_batch(
+  batch = arrays_lib.device_batch(arrays_lib.model_inputs(common.make_batch(
       a.prompts, a.prompt_len, a.pool, a.vocab, a.seed)))
   return cfg, lay, params, batch, jax.random.key(a.seed + 1)
 

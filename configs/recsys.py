@@ -166,6 +166,7 @@ def get_config(arg=None):
   c.log_every = 10  # metrics every N steps
   c.ckpt_every = 100  # Orbax checkpoint every N steps
   c.ckpt_keep = 2  # checkpoints kept per stage
+  c.profile_steps = 0  # jax.profiler trace of N steps per stage into workdir/profile (0 = off)
 
   c.compare = ml_collections.ConfigDict()
   c.compare.seeds = 3  # seeds per run in fgrpo_jax.compare

@@ -49,6 +49,7 @@ def _set_field(config, dotted: str, value):
 
 def algorithm_lrs(config) -> dict[str, float]:
   """config.compare.lr ("fgrpo=1e-3,sft=3e-4") as {algorithm: rl.lr}."""
+  from fgrpo_jax import config as config_lib
   out = {}
   for part in filter(None, (p.strip() for p in config.compare.get("lr", "").split(","))):
     name, sep, value = part.partition("=")
@@ -56,11 +57,10 @@ def algorithm_lrs(config) -> dict[str, float]:
       out[name.strip()] = float(value)
     except ValueError:
       sep = ""
-    from fgrpo_jax import train
-    if not sep or name.strip() not in train.ALGORITHMS:
-      raise train.ConfigError(f"config.compare.lr={config.compare.lr!r}: expected "
-                              f"algorithm=rate pairs separated by commas with algorithms "
-                              f"among {', '.join(train.ALGORITHMS)}, got {part!r}")
+    if not sep or name.strip() not in config_lib.ALGORITHMS:
+      raise config_lib.ConfigError(f"config.compare.lr={config.compare.lr!r}: expected "
+                                   f"algorithm=rate pairs separated by commas with algorithms "
+                                   f"among {', '.join(config_lib.ALGORITHMS)}, got {part!r}")
   return out
 
 
@@ -251,9 +251,9 @@ def plot_curves(histories: dict[str, list[list[dict]]], path: str) -> None:
 
 
 def run_compare(config, workdir: str, log=print) -> dict:
-  from fgrpo_jax import pointwise
-  from fgrpo_jax import train
-  from fgrpo_jax import workdir_lock
+  from fgrpo_jax import config as config_lib
+  from fgrpo_jax import logs, pointwise, train, workdir_lock
+  from fgrpo_jax.data import arrays as arrays_lib
   from fgrpo_jax.data import tasks as tasks_lib
   workdir_lock.prepare_workdir(workdir)
   runs = planned_runs(config)
@@ -261,7 +261,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
     trial = copy.deepcopy(config)
     for f, v in fields.items():
       _set_field(trial, f, v)
-    train.validate_config(trial)
+    config_lib.validate_config(trial)
   per_seed: dict[str, list[dict]] = {}
   histories: dict[str, list[list[dict]]] = {}
   examples: dict[str, list[dict]] = {}  # run -> per seed -> {metric: [N]}
@@ -302,11 +302,11 @@ def run_compare(config, workdir: str, log=print) -> dict:
       per_seed.setdefault(ref, []).append(metrics)
     if config.compare.pointwise and warm_result["task"] == "recsys":
       task = tasks_lib.load_task(base, warm, log)
-      mcfg = train.model_config(base, task.vocab_size)
+      mcfg = config_lib.model_config(base, task.vocab_size)
       t_pw = time.time()
       params = pointwise.train_pointwise(task, base, mcfg,
                                          steps=base.sft.steps + base.rl.steps, log=log)
-      test = train._subset(task.splits["test"], base.eval.test_examples, base.seed + 1)
+      test = arrays_lib.subset(task.splits["test"], base.eval.test_examples, base.seed + 1)
       from fgrpo_jax import evaluate
       scores = pointwise.pointwise_scores(params, task, test, mcfg)
       m = evaluate.evaluate_scores(scores, test, base.rollout.slate_size, base.rollout.rank_size,
@@ -324,7 +324,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
   result = {"config_variant": config.get("variant", ""), "seeds": config.compare.seeds,
             "runs": agg, "order": [n for n in order if n in agg], "paired": paired,
             "wall_time_s": round(time.time() - t0, 1)}
-  train.write_json_atomic(os.path.join(workdir, "compare.json"), result)
+  logs.write_json_atomic(os.path.join(workdir, "compare.json"), result)
   table = markdown_table(agg, order, config.compare.seeds)
   val_table = markdown_table(agg, order, config.compare.seeds, keys=VAL_KEYS)
   with open(os.path.join(workdir, "compare.md.tmp"), "w") as f:

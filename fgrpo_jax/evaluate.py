@@ -18,6 +18,8 @@ from fgrpo_jax import parse as parse_lib
 from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout as rollout_lib
 from fgrpo_jax import sharding
+from fgrpo_jax.data import arrays as arrays_lib
+from fgrpo_jax.data.arrays import MODEL_INPUTS
 
 CUTOFFS = (1, 3, 5)
 
@@ -107,15 +109,14 @@ def greedy_outputs(params, arrays, *, cfg, layout, batch_size: int, mesh=None,
   and identifiers well formed (always 1 in constrained decoding).
   """
   n = arrays["prompt"].shape[0]
-  keys = ("prompt", "prompt_mask", "cand_tokens", "pool_mask")
   slates, rankings, tokens, valid = [], [], [], []
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n
     if mesh is None:
-      batch = {k: jnp.asarray(arrays[k][idx]) for k in keys}
+      batch = arrays_lib.take_batch(arrays, idx, MODEL_INPUTS)
     else:
       rows = idx[sharding.process_batch_slice(batch_size)]
-      batch = sharding.shard_batch({k: arrays[k][rows] for k in keys}, mesh)
+      batch = sharding.shard_batch(arrays_lib.host_batch(arrays, rows, MODEL_INPUTS), mesh)
     ro = greedy_rollout(params, batch, cfg=cfg, layout=layout)
     slate, ranking, toks, ok = sharding.gather_to_host(
         (ro.slate, ro.ranking, ro.tokens, parse_lib.validity(ro.errors)))

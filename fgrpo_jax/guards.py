@@ -63,7 +63,7 @@ def _interval(lo, lo_in, hi, hi_in) -> str:
 
 def check_finite_settings(config) -> None:
   """One ConfigError-like line for the first non-finite or out-of-range setting."""
-  from fgrpo_jax.train import ConfigError  # train imports this module
+  from fgrpo_jax.config import ConfigError  # config imports this module
   for field, lo, lo_in, hi, hi_in in NUMERIC_RANGES:
     value = _get(config, field)
     if value is None:
@@ -135,7 +135,7 @@ def _lr_field(stage: str) -> str:
 # Fields that do not change what the checkpoints continue: evaluation, logging,
 # where things are written, the device layout.
 IGNORED_ON_RESUME = ("variant", "mode", "eval.", "log_every", "ckpt_every", "ckpt_keep",
-                     "compare.", "mesh.", "data.cache_dir")
+                     "profile_steps", "compare.", "mesh.", "data.cache_dir")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -191,7 +191,7 @@ def warn_config_changes(workdir: str, run_config_file: str, config, log=print) -
 
 
 def no_checkpoint_to_evaluate(workdir: str) -> UserError:
-  from fgrpo_jax.train import ConfigError
+  from fgrpo_jax.config import ConfigError
   return ConfigError(f"--workdir={workdir}: no checkpoint to evaluate (config.mode=eval); "
                      "config.eval.allow_random=True evaluates the random initial parameters")
 

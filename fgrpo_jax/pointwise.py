@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fgrpo_jax import steps as steps_lib
+from fgrpo_jax.data import arrays as arrays_lib
 from fgrpo_jax.data import prompts as prompts_lib
 from fgrpo_jax.models import llama
 
@@ -54,18 +56,17 @@ def _pool_logits(params, prompt, mask, cand_tokens, *, cfg):
 
 def train_pointwise(task, config, cfg: llama.ModelConfig, *, steps: int, log=print):
   """Trains the next-item scorer on the task's training split. Returns params."""
-  from fgrpo_jax import train as train_lib  # the optimizer and data order live there
   num_items = task.info["num_items"]
   train = task.splits["train"]
   hp = history_prompts(train["history"], num_items)
   target = _targets(train)
   offset = prompts_lib.ItemTokenPrompts(num_items).item_offset
-  optimizer = train_lib.make_optimizer(config.optim, config.sft.lr, steps)
+  optimizer = steps_lib.make_optimizer(config.optim, config.sft.lr, steps)
   params = llama.init_params(cfg, jax.random.key(config.seed))
   opt_state = optimizer.init(params)
   n = target.shape[0]
   for step in range(steps):
-    idx = train_lib.batch_indices(config.seed, 7, step, n, config.sft.batch_size)
+    idx = arrays_lib.batch_indices(config.seed, 7, step, n, config.sft.batch_size)
     params, opt_state, loss = _step(params, opt_state, jnp.asarray(hp["prompt"][idx]),
                                     jnp.asarray(hp["prompt_mask"][idx]),
                                     jnp.asarray(target[idx]), cfg=cfg, optimizer=optimizer,

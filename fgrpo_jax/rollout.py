@@ -127,6 +127,15 @@ class Layout:
     return np.nonzero(self.kinds == CHOOSE_RANK)[0]
 
 
+def with_budget(layout: Layout, constrained: bool, max_new_tokens: int = 0) -> Layout:
+  """`layout` as is (constrained decoding), or for free decoding with a budget of
+  max_new_tokens tokens (0 = twice a well-formed rollout, tags included)."""
+  if constrained:
+    return layout
+  return dataclasses.replace(layout, constrained=False,
+                             max_new_tokens=max_new_tokens or 2 * layout.schedule_length)
+
+
 class Rollout(NamedTuple):
   """G sampled completions for each of B prompts (T = layout.length).
 

@@ -13,7 +13,7 @@ PartitionSpec. A dimension that its mesh axes do not divide is replicated instea
 (logged once), so a tiny model runs on any mesh.
 
 Nothing here changes the model code: jitted functions take their shardings from
-their inputs (GSPMD propagation), so `train.sft_step` / `train.rl_step` /
+their inputs (GSPMD propagation), so `steps.sft_step` / `steps.rl_step` /
 `rollout.sample` run sharded as soon as the TrainState and the batch are.
 
     mesh = sharding.make_mesh(config.mesh)             # {"data": -1, "fsdp": 1, "tensor": 1}
@@ -331,7 +331,7 @@ def cache_shardings(cache, mesh):
 def process_batch_slice(global_batch: int) -> slice:
   """The rows of a global batch this process feeds (contiguous, process-major).
 
-  Every process computes the same global example indices (train.batch_indices
+  Every process computes the same global example indices (data.arrays.batch_indices
   is a pure function of the step) and loads only `idx[process_batch_slice(B)]`.
   """
   n, i = jax.process_count(), jax.process_index()
@@ -417,7 +417,7 @@ def shard_params(params, mesh, rules=DEFAULT_RULES):
 
 
 def train_state_shardings(state, mesh, rules=DEFAULT_RULES):
-  """Shardings of a train.TrainState(params, opt_state, step), as the same NamedTuple.
+  """Shardings of a steps.TrainState(params, opt_state, step), as the same NamedTuple.
 
   A decoupled pair (params and opt_state both {role: ...}) is matched role by role:
   the optimizer paths (`selector/0/mu/layers/...`) would otherwise not end with the
@@ -435,7 +435,7 @@ def train_state_shardings(state, mesh, rules=DEFAULT_RULES):
 
 
 def shard_train_state(state, mesh, rules=DEFAULT_RULES):
-  """A train.TrainState moved onto the mesh: params by the rules, Adam moments alike."""
+  """A steps.TrainState moved onto the mesh: params by the rules, Adam moments alike."""
   return put_tree(state, train_state_shardings(state, mesh, rules))
 
 
@@ -446,7 +446,7 @@ def pin_state_shardings(step_fn, state_shardings, *, static_argnames: Sequence[s
   free to hand the *new* state back in another layout (on a data x fsdp x tensor
   mesh it returns the replicated norms split over fsdp), which would recompile the
   next step and checkpoint another layout. Pinning the output avoids both; metrics
-  stay unconstrained. `step_fn` may itself be jitted (train.rl_step): it is inlined.
+  stay unconstrained. `step_fn` may itself be jitted (steps.rl_step): it is inlined.
   The state argument is donated, as in train.py.
   """
   return jax.jit(step_fn, static_argnames=tuple(static_argnames), donate_argnums=0,

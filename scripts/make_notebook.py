@@ -47,6 +47,7 @@ WORKDIR = os.environ.get("FGRPO_NOTEBOOK_WORKDIR", "runs/notebook")"""),
     ("code", """import copy
 from configs import recsys
 from fgrpo_jax import train
+from fgrpo_jax import config as config_lib
 
 config = recsys.get_config("tiny" if SMALL else None)
 if not SMALL:  # a few minutes on a CPU
@@ -80,7 +81,7 @@ and the two rewards."""),
 
 task = tasks.load_task(config)
 layout = task.layout_fn(config.rollout.slate_size, config.rollout.rank_size)
-cfg = train.model_config(config, task.vocab_size)
+cfg = config_lib.model_config(config, task.vocab_size)
 from fgrpo_jax.models import llama
 params = train.load_stage_params(os.path.join(WORKDIR, "fgrpo"), "rl",
                                  llama.init_params(cfg, jax.random.key(0)))

@@ -22,7 +22,9 @@ sys.path.insert(0, REPO)
 
 from configs import recsys  # noqa: E402
 from fgrpo_jax import rewards as R  # noqa: E402
-from fgrpo_jax import rollout, train  # noqa: E402
+from fgrpo_jax import rollout  # noqa: E402
+from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
+from fgrpo_jax import config as config_lib  # noqa: E402
 from fgrpo_jax.data import prompts, tasks  # noqa: E402
 from fgrpo_jax.models import llama  # noqa: E402
 
@@ -39,14 +41,14 @@ def main():
   config.rollout.update(slate_size=5, rank_size=3)
   task = tasks.load_task(config)
   layout = task.layout_fn(5, 3)
-  cfg = train.model_config(config, task.vocab_size)
+  cfg = config_lib.model_config(config, task.vocab_size)
   params = llama.init_params(cfg, jax.random.key(3))
   params = jax.tree.map(lambda p: p * 8 if p.ndim > 1 else p, params)  # a varied group
   test = task.splits["test"]
   G = 4
   # The first example whose group shows a spread in both phases' rewards.
   for row in range(len(test["prompt"])):
-    batch = {k: jnp.asarray(test[k][row:row + 1]) for k in train.MODEL_KEYS[1:]}
+    batch = arrays_lib.take_batch(test, slice(row, row + 1))
     ro = rollout.sample(params, batch, jax.random.key(row), cfg=cfg, layout=layout,
                         group_size=G)
     r_gen, r_rank = R.phase_rewards(ro.slate, ro.ranking, batch["relevance"][:, None])

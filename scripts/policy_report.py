@@ -27,24 +27,26 @@ from fgrpo_jax import compare  # noqa: E402
 from fgrpo_jax import evaluate  # noqa: E402
 from fgrpo_jax import rollout  # noqa: E402
 from fgrpo_jax import train  # noqa: E402
+from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
+from fgrpo_jax import config as config_lib  # noqa: E402
+from fgrpo_jax import steps as steps_lib  # noqa: E402
 from fgrpo_jax.data import tasks  # noqa: E402
 from fgrpo_jax.models import llama  # noqa: E402
 
 
 def sampled_rewards(params, arrays, *, cfg, layout, settings, group_size, batch_size, seed=0):
   """Mean sampled (R_gen, R_rank) over the examples: group_size rollouts each."""
-  keys = ("prompt", "prompt_mask", "cand_tokens", "pool_mask")
   n = arrays["prompt"].shape[0]
   sample = jax.jit(rollout.sample, static_argnames=("cfg", "layout", "group_size",
                                                     "temperature"))
   gen, rank = [], []
   for i, start in enumerate(range(0, n, batch_size)):
     idx = np.arange(start, start + batch_size) % n
-    batch = {k: jnp.asarray(arrays[k][idx]) for k in keys}
+    batch = arrays_lib.take_batch(arrays, idx, arrays_lib.MODEL_INPUTS)
     ro = sample(params, batch, jax.random.key(seed * 100_003 + i), cfg=cfg, layout=layout,
                 group_size=group_size, temperature=settings.temperature)
-    r_gen, r_rank, _ = train.rollout_rewards(ro, jnp.asarray(arrays["relevance"][idx]),
-                                             settings, layout.rank_size)
+    r_gen, r_rank, _ = steps_lib.rollout_rewards(ro, jnp.asarray(arrays["relevance"][idx]),
+                                                 settings, layout.rank_size)
     keep = min(batch_size, n - start)
     gen.append(np.asarray(r_gen)[:keep])
     rank.append(np.asarray(r_rank)[:keep])
@@ -59,12 +61,11 @@ def top1_profile(params, arrays, popularity, *, cfg, layout, batch_size):
   popularity of the item ranked first) and target_popularity (the same for the
   relevant item, the reference a calibrated ranker moves towards).
   """
-  keys = ("prompt", "prompt_mask", "cand_tokens", "pool_mask")
   n = arrays["prompt"].shape[0]
   firsts = []
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
-    batch = {k: jnp.asarray(arrays[k][idx]) for k in keys}
+    batch = arrays_lib.take_batch(arrays, idx, arrays_lib.MODEL_INPUTS)
     ro = rollout.sample(params, batch, jax.random.key(0), cfg=cfg, layout=layout,
                         group_size=1, greedy=True)  # jitted already
     slot = np.asarray(ro.ranking)[:, 0, 0]
@@ -98,10 +99,10 @@ def main(argv=None):
     field, _, value = item.partition("=")
     compare._set_field(config, field, value)
   task = tasks.load_task(config, a.workdirs.split(",")[0], log=lambda *_: None)
-  val = train._subset(task.splits["validation"], a.examples, config.seed)
-  layout = train.make_layout(task, config)
-  cfg = train.model_config(config, task.vocab_size)
-  settings = train.RLSettings.from_config(config)
+  val = arrays_lib.subset(task.splits["validation"], a.examples, config.seed)
+  layout = config_lib.make_layout(task, config)
+  cfg = config_lib.model_config(config, task.vocab_size)
+  settings = steps_lib.RLSettings.from_config(config)
   init = llama.init_params(cfg, jax.random.key(0))  # the checkpoint's layout
   popularity = target_popularity(task.splits["train"])
   for workdir in a.workdirs.split(","):

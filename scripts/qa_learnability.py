@@ -21,7 +21,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import multihop_qa  # noqa: E402
-from fgrpo_jax import train  # noqa: E402
+from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
+from fgrpo_jax import config as config_lib  # noqa: E402
+from fgrpo_jax import steps as steps_lib  # noqa: E402
 from fgrpo_jax.data import tasks, text_prompts  # noqa: E402
 from fgrpo_jax.models import llama  # noqa: E402
 
@@ -48,16 +50,16 @@ def main():
   arrays = task.splits["train"]
   if args.mode == "marker":
     arrays = mark_supporting(arrays)
-  layout = train.make_layout(task, c)
-  cfg = train.model_config(c, task.vocab_size)
-  optimizer = train.make_optimizer(c.optim, c.sft.lr, args.steps)
+  layout = config_lib.make_layout(task, c)
+  cfg = config_lib.model_config(c, task.vocab_size)
+  optimizer = steps_lib.make_optimizer(c.optim, c.sft.lr, args.steps)
   params = llama.init_params(cfg, jax.random.key(c.seed))
-  state = train.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+  state = steps_lib.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
   n = arrays["prompt"].shape[0]
   print("| mode | step | nll_gen | nll_rank |\n|---|---|---|---|")
   for step in range(args.steps):
-    batch = train.take_batch(arrays, train.batch_indices(c.seed, 0, step, n, c.sft.batch_size))
-    state, m = train.sft_step(state, batch, jax.random.key(step), cfg=cfg, layout=layout,
+    batch = arrays_lib.take_batch(arrays, arrays_lib.batch_indices(c.seed, 0, step, n, c.sft.batch_size))
+    state, m = steps_lib.sft_step(state, batch, jax.random.key(step), cfg=cfg, layout=layout,
                               optimizer=optimizer)
     if (step + 1) % 50 == 0:
       print(f"| {args.mode} | {step + 1} | {float(m['nll_gen']):.3f} | "

@@ -22,6 +22,8 @@ import ml_collections  # noqa: E402
 
 from fgrpo_jax import evaluate  # noqa: E402
 from fgrpo_jax import train  # noqa: E402
+from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
+from fgrpo_jax import config as config_lib  # noqa: E402
 from fgrpo_jax.data import tasks  # noqa: E402
 from fgrpo_jax.models import llama  # noqa: E402
 
@@ -38,9 +40,9 @@ def main(argv=None):
   with open(os.path.join(a.workdir, "run_config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f)["config"])
   task = tasks.load_task(config, a.workdir, log=lambda *_: None)
-  val = train._subset(task.splits["validation"], a.examples, config.seed)
-  layout = train.make_layout(task, config)
-  cfg = train.model_config(config, task.vocab_size)
+  val = arrays_lib.subset(task.splits["validation"], a.examples, config.seed)
+  layout = config_lib.make_layout(task, config)
+  cfg = config_lib.model_config(config, task.vocab_size)
   init = llama.init_params(cfg, jax.random.key(0))  # the checkpoint's layout
   if a.stage == "latest":
     stage, params = train.latest_checkpoint(a.workdir, config, init)

@@ -35,6 +35,7 @@ import pytest
 from configs import multihop_qa as qa_configs
 from configs import recsys
 from fgrpo_jax import cli, export, guards, train, workdir_lock
+from fgrpo_jax import steps as steps_lib
 from fgrpo_jax.data import cache, recsys_real, textio
 from fgrpo_jax.errors import UserError
 
@@ -621,7 +622,7 @@ def test_every_checkpoint_corrupt_is_said_and_kept_aside(finished_run, tmp_path,
 def test_diverged_loss_stops_without_saving_the_bad_state(finished_run, tmp_path, monkeypatch):
   """A loss that turns NaN at step 3 is noticed at step 4 (a log and checkpoint step):
   exit 2 naming step 4 and the last good checkpoint (2); step 4 is not saved."""
-  original = train.sft_step
+  original = steps_lib.sft_step
 
   def poisoned(state, batch, key, **kw):
     new, metrics = original(state, batch, key, **kw)
@@ -629,7 +630,7 @@ def test_diverged_loss_stops_without_saving_the_bad_state(finished_run, tmp_path
       metrics = {**metrics, "loss": metrics["loss"] * np.nan}
     return new, metrics
 
-  monkeypatch.setattr(train, "sft_step", poisoned)
+  monkeypatch.setattr(steps_lib, "sft_step", poisoned)
   workdir = str(tmp_path / "w")
   code, stderr = like_main(lambda: train.run(tiny(), workdir, log=lambda *a: None))
   assert_one_line(code, stderr, "[sft] step 4: training diverged (loss nan is not finite)",
@@ -641,7 +642,7 @@ def test_diverged_loss_stops_without_saving_the_bad_state(finished_run, tmp_path
 
 def test_non_finite_parameters_are_never_checkpointed(finished_run, tmp_path, monkeypatch):
   """Finite metrics but NaN weights (e.g. an update that overflowed) at a save step."""
-  original = train.sft_step
+  original = steps_lib.sft_step
 
   def poisoned(state, batch, key, **kw):
     new, metrics = original(state, batch, key, **kw)
@@ -650,7 +651,7 @@ def test_non_finite_parameters_are_never_checkpointed(finished_run, tmp_path, mo
       new = new._replace(params=params)
     return new, metrics
 
-  monkeypatch.setattr(train, "sft_step", poisoned)
+  monkeypatch.setattr(steps_lib, "sft_step", poisoned)
   workdir = str(tmp_path / "w")
   code, stderr = like_main(lambda: train.run(tiny(), workdir, log=lambda *a: None))
   assert_one_line(code, stderr, "[sft] step 2: training diverged (parameters",

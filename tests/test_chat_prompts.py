@@ -16,7 +16,8 @@ from fgrpo_jax import objectives
 from fgrpo_jax import parse
 from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout
-from fgrpo_jax import train
+from fgrpo_jax import config as config_lib
+from fgrpo_jax import steps as steps_lib
 from fgrpo_jax.data import chat_prompts
 from fgrpo_jax.data.tiny_tokenizer import make_tiny_tokenizer
 from fgrpo_jax.errors import UserError
@@ -233,12 +234,12 @@ def test_format_penalty_is_charged_to_the_malformed_phase(prompts, batch):
   assert np.asarray(ro.slate[0, 0]).tolist() == [0, 2, 1]
   assert np.asarray(ro.ranking[0, 0]).tolist() == [2, 0]
   relevance = jnp.zeros((2, C)).at[:, 0].set(1.0)
-  settings = train.RLSettings(algorithm="fgrpo", group_size=5, temperature=1.0,
+  settings = steps_lib.RLSettings(algorithm="fgrpo", group_size=5, temperature=1.0,
                               coverage="recall", rank_metric="ndcg", gain="exp", lam=1.0,
                               advantage="mean", inner_steps=1,
                               loss=objectives.PolicyLossConfig(), format_penalty=0.5)
   r_gen, r_rank, rank_ok = (np.asarray(x)[0]
-                            for x in train.rollout_rewards(ro, relevance, settings, M))
+                            for x in steps_lib.rollout_rewards(ro, relevance, settings, M))
   assert rank_ok.all()  # reward.rank_ideal="pool": R_rank is defined for every rollout
   base_gen, base_rank = (np.asarray(x)[0] for x in R.phase_rewards(
       ro.slate, ro.ranking, relevance[:, None], rank_k=M))
@@ -256,18 +257,18 @@ def test_rl_step_runs_in_free_mode(prompts, batch, model):
   config.rollout.update(slate_size=K, rank_size=M, group_size=4, constrained=False)
   config.rl.inner_steps = 1
   config.data.pool_size = C
-  train.validate_config(config)
+  config_lib.validate_config(config)
   task = type("Task", (), {"layout_fn": prompts.layout})()
-  layout = train.make_layout(task, config)
+  layout = config_lib.make_layout(task, config)
   assert not layout.constrained and layout.max_new_tokens == 2 * layout.schedule_length
-  optimizer = train.make_optimizer(config.optim, 1e-3, 1)  # no warmup: step 0 moves
+  optimizer = steps_lib.make_optimizer(config.optim, 1e-3, 1)  # no warmup: step 0 moves
   before = jax.tree.map(jnp.copy, params)  # rl_step donates its state: keep the fixture's
-  state = train.TrainState(before, optimizer.init(params), jnp.zeros((), jnp.int32))
+  state = steps_lib.TrainState(before, optimizer.init(params), jnp.zeros((), jnp.int32))
   full = dict(batch, relevance=jnp.zeros((2, C)).at[:, 1].set(1.0))
   before = params
-  state, metrics = train.rl_step(state, None, full, jax.random.key(4), cfg=cfg, layout=layout,
+  state, metrics = steps_lib.rl_step(state, None, full, jax.random.key(4), cfg=cfg, layout=layout,
                                  optimizer=optimizer,
-                                 settings=train.RLSettings.from_config(config))
+                                 settings=steps_lib.RLSettings.from_config(config))
   metrics = {k: float(v) for k, v in metrics.items()}
   assert all(np.isfinite(v) for v in metrics.values()), metrics
   assert metrics["format_valid"] == 0.0  # random weights never close the tags
@@ -286,18 +287,18 @@ def test_free_decoding_config_errors_name_the_field(overrides, field):
   for dotted, value in overrides.items():
     section, _, name = dotted.rpartition(".")
     (config[section] if section else config)[name] = value
-  with pytest.raises(train.ConfigError, match=re.escape(field)):
-    train.validate_config(config)
+  with pytest.raises(config_lib.ConfigError, match=re.escape(field)):
+    config_lib.validate_config(config)
 
 
 def test_make_layout_rejects_a_budget_below_a_well_formed_rollout(prompts):
   config = recsys.get_config("tiny")
   config.rollout.update(slate_size=K, rank_size=M, constrained=False, max_new_tokens=5)
   task = type("Task", (), {"layout_fn": prompts.layout})()
-  with pytest.raises(train.ConfigError, match="config.rollout.max_new_tokens=5"):
-    train.make_layout(task, config)
+  with pytest.raises(config_lib.ConfigError, match="config.rollout.max_new_tokens=5"):
+    config_lib.make_layout(task, config)
   config.rollout.constrained = True
-  assert train.make_layout(task, config).constrained
+  assert config_lib.make_layout(task, config).constrained
 
 
 def test_evaluation_counts_missing_tags_as_malformed(prompts, batch, model):

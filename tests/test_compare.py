@@ -8,6 +8,7 @@ import numpy as np
 
 from configs import recsys
 from fgrpo_jax import compare, evaluate, rollout, train
+from fgrpo_jax import config as config_lib
 from fgrpo_jax.data import tasks
 
 ALGORITHMS = ("fgrpo", "grpo", "decoupled", "decoupled_sft", "sft")
@@ -103,7 +104,7 @@ def test_decoupled_ranker_sees_only_the_selector_slate():
   c = _tiny()
   task = tasks.load_task(c)
   layout = task.layout_fn(c.rollout.slate_size, c.rollout.rank_size)
-  cfg = train.model_config(c, task.vocab_size)
+  cfg = config_lib.model_config(c, task.vocab_size)
   from fgrpo_jax.models import llama
   sel = llama.init_params(cfg, jax.random.key(1))
   rnk = llama.init_params(cfg, jax.random.key(2))

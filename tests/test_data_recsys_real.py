@@ -17,6 +17,9 @@ import pytest
 
 from configs import recsys
 from fgrpo_jax import train
+from fgrpo_jax.data import arrays as arrays_lib
+from fgrpo_jax import config as config_lib
+from fgrpo_jax import steps as steps_lib
 from fgrpo_jax.data import recsys_real, tasks
 from fgrpo_jax.errors import UserError
 from fgrpo_jax.models import llama
@@ -471,9 +474,9 @@ VOCAB, PROMPT_LEN, POOL = 256, 176, 20
 def _static():
   c = recsys.get_config("tiny")
   c.rl.inner_steps = 1
-  cfg = train.model_config(c, VOCAB)
-  optimizer = train.make_optimizer(c.optim, 1e-3, 4)
-  return c, cfg, optimizer, train.RLSettings.from_config(c)
+  cfg = config_lib.model_config(c, VOCAB)
+  optimizer = steps_lib.make_optimizer(c.optim, 1e-3, 4)
+  return c, cfg, optimizer, steps_lib.RLSettings.from_config(c)
 
 
 def _pad_batch(batch):
@@ -492,12 +495,12 @@ def one_training_step(task, batch=4):
   assert task.vocab_size <= VOCAB
   layout = task.layout_fn(c.rollout.slate_size, c.rollout.rank_size)
   params = llama.init_params(cfg, jax.random.key(0))
-  state = train.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+  state = steps_lib.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
   n = task.splits["train"]["prompt"].shape[0]
-  b = _pad_batch(train.take_batch(task.splits["train"], np.arange(batch) % n))
-  state, m1 = train.sft_step(state, b, jax.random.key(1), cfg=cfg, layout=layout,
+  b = _pad_batch(arrays_lib.take_batch(task.splits["train"], np.arange(batch) % n))
+  state, m1 = steps_lib.sft_step(state, b, jax.random.key(1), cfg=cfg, layout=layout,
                              optimizer=optimizer)
-  state, m2 = train.rl_step(state, None, b, jax.random.key(2), cfg=cfg, layout=layout,
+  state, m2 = steps_lib.rl_step(state, None, b, jax.random.key(2), cfg=cfg, layout=layout,
                             optimizer=optimizer, settings=settings)
   assert np.isfinite(float(m1["loss"])) and np.isfinite(float(m2["loss"]))
   assert int(state.step) == 2
@@ -549,12 +552,12 @@ def test_grain_loader_streams_shards_and_resumes_exactly(tmp_path):
   assert any("resumed from step 2" in l for l in resumed_log)
   assert resumed["metrics"] == full["metrics"]
   like = tasks.load_task(config(), log=lambda s: None)
-  cfg = train.model_config(config(), like.vocab_size)
+  cfg = config_lib.model_config(config(), like.vocab_size)
   init = llama.init_params(cfg, jax.random.key(0))
   a = train.load_stage_params(str(tmp_path / "full"), "sft", init)
   b = train.load_stage_params(str(tmp_path / "cut"), "sft", init)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   c = config()
   c.data.name = "synthetic_recsys"
-  with pytest.raises(train.ConfigError, match="config.data.loader=grain"):
+  with pytest.raises(config_lib.ConfigError, match="config.data.loader=grain"):
     train.run(c, str(tmp_path / "synthetic"), log=lambda s: None)

@@ -16,6 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import recsys
 from fgrpo_jax import export, rollout, sharding, train
+from fgrpo_jax import config as config_lib
+from fgrpo_jax import steps as steps_lib
 from fgrpo_jax.models import hf, llama, qwen3_5
 from fgrpo_jax.models import lora
 from fgrpo_jax.models import load_pretrained
@@ -110,12 +112,12 @@ def test_train_step_differentiates_and_updates_only_the_adapters():
   batch = {"prompt": jnp.full((B, P), 5, jnp.int32), "prompt_mask": jnp.ones((B, P), bool),
            "cand_tokens": 10 + jnp.tile(jnp.arange(C), (B, 1)),
            "pool_mask": jnp.ones((B, C), bool), "relevance": jnp.ones((B, C), jnp.float32)}
-  optimizer = train.make_optimizer(recsys.get_config("tiny").optim, 1e-2, 10)
-  state = train.TrainState(ad, optimizer.init(ad), jnp.zeros((), jnp.int32))
+  optimizer = steps_lib.make_optimizer(recsys.get_config("tiny").optim, 1e-2, 10)
+  state = steps_lib.TrainState(ad, optimizer.init(ad), jnp.zeros((), jnp.int32))
   frozen = lora.Frozen(base, lcfg.scale)
   # Traced, not compiled (the end-to-end run below compiles and runs the steps): the
   # new state is adapters + their optimizer state; the base is only an input.
-  out, _ = jax.eval_shape(functools.partial(train.sft_step, cfg=CFG, layout=layout,
+  out, _ = jax.eval_shape(functools.partial(steps_lib.sft_step, cfg=CFG, layout=layout,
                                             optimizer=optimizer, frozen=frozen),
                           state, batch, jax.random.key(2))
   assert jax.tree.structure(out.params) == jax.tree.structure(ad)
@@ -258,7 +260,7 @@ def test_target_the_architecture_lacks_is_one_config_error():
   c = recsys.get_config("tiny")
   c.model.update(lora_rank=2, lora_targets="q_proj,in_proj_z")
   mesh = sharding.make_mesh({"data": -1})
-  with pytest.raises(train.ConfigError, match=r"^config.model.lora_targets='q_proj,in_proj_z': "
+  with pytest.raises(config_lib.ConfigError, match=r"^config.model.lora_targets='q_proj,in_proj_z': "
                      r"'in_proj_z': this llama model has no such projection \(it has q_proj, .*down_proj\)$"):
     train.build_model(c, 68, mesh, log=lambda _: None)
 
@@ -273,8 +275,8 @@ def test_bad_lora_config_is_one_config_error(field, value, match):
   c = recsys.get_config("tiny")
   c.model.lora_rank = 4
   c.model[field] = value
-  with pytest.raises(train.ConfigError, match=match):
-    train.validate_config(c)
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate_config(c)
 
 
 # ----------------------------------------------------------------------------
@@ -297,7 +299,7 @@ def lora_run(tiny_hf_checkpoint, tmp_path_factory):
   ckpt = tiny_hf_checkpoint()
   workdir = str(tmp_path_factory.mktemp("lora_run"))
   calls = []
-  original = train.rl_step
+  original = steps_lib.rl_step
 
   def spy(state, ref_params, batch, key, *, frozen=None, **kw):
     calls.append((ref_params, frozen))
@@ -305,7 +307,7 @@ def lora_run(tiny_hf_checkpoint, tmp_path_factory):
 
   lines = []
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, "rl_step", spy)
+    mp.setattr(steps_lib, "rl_step", spy)
     result = train.run(_run_config(ckpt), workdir, log=lines.append)
   return {"ckpt": ckpt, "workdir": workdir, "result": result, "log": "\n".join(lines),
           "rl_calls": calls}

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fgrpo_jax import train
+from fgrpo_jax import logs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,5 +97,5 @@ def test_writer_is_off_when_tensorflow_does_not_import(monkeypatch, tmp_path):
   if "clu" in sys.modules:  # imported by an earlier test of this worker
     monkeypatch.delattr(sys.modules["clu"], "metric_writers", raising=False)
   lines = []
-  assert train._make_writer(str(tmp_path), lines.append) is None
+  assert logs.make_writer(str(tmp_path), lines.append) is None
   assert len(lines) == 1 and "metrics.jsonl only" in lines[0]

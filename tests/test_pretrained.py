@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from configs import recsys
-from fgrpo_jax import evaluate, train
+from fgrpo_jax import evaluate, sharding, train
+from fgrpo_jax.data import arrays as arrays_lib
+from fgrpo_jax import config as config_lib
 from fgrpo_jax.data import tasks
 from fgrpo_jax.models import hf
 
@@ -45,7 +47,7 @@ def test_zero_shot_eval_evaluates_the_pretrained_weights(tiny_hf_checkpoint, tmp
   config = _config(ckpt)
   task = tasks.load_task(config)
   cfg, params = hf.load_config_and_params(ckpt)
-  test = train._subset(task.splits["test"], 64, config.seed + 1)
+  test = arrays_lib.subset(task.splits["test"], 64, config.seed + 1)
   layout = task.layout_fn(config.rollout.slate_size, config.rollout.rank_size)
   direct = evaluate.evaluate_model(params, test, cfg=cfg, layout=layout, batch_size=64)
   assert direct == result["metrics"]
@@ -56,7 +58,7 @@ def test_zero_shot_eval_evaluates_the_pretrained_weights(tiny_hf_checkpoint, tmp
 
 def test_checkpoint_vocabulary_too_small_is_one_config_error(tiny_hf_checkpoint, tmp_path):
   ckpt = tiny_hf_checkpoint(vocab_size=40, tokenizer=False)
-  with pytest.raises(train.ConfigError) as e:
+  with pytest.raises(config_lib.ConfigError) as e:
     train.run(_config(ckpt), str(tmp_path / "w"), log=lambda _: None)
   msg = str(e.value)
   assert msg.startswith("config.model.hf_checkpoint:") and "\n" not in msg
@@ -82,17 +84,17 @@ def test_missing_files_and_unsupported_architecture_are_config_errors(tiny_hf_ch
                       (tmp_path / "absent", "not a local checkpoint directory"),
                       (mistral, "supported architectures: LlamaForCausalLM, Qwen2ForCausalLM, "
                                 "Qwen3ForCausalLM")]:
-    with pytest.raises(train.ConfigError, match=f"^config.model.hf_checkpoint: .*{match}"):
+    with pytest.raises(config_lib.ConfigError, match=f"^config.model.hf_checkpoint: .*{match}"):
       train.run(_config(ckpt), str(tmp_path / "w"), log=lambda _: None)
 
 
 def test_hf_backbone_shapes_ignore_config_sizes(tiny_hf_checkpoint):
   ckpt = tiny_hf_checkpoint()
   c = _config(ckpt, dtype="bfloat16", remat="full", hidden=999, num_layers=7)
-  cfg = train.pretrained_model_config(c, TASK_VOCAB)
+  cfg = config_lib.pretrained_model_config(c, TASK_VOCAB)
   assert (cfg.vocab_size, cfg.hidden, cfg.num_layers, cfg.head_dim) == (128, 32, 2, 8)
   assert cfg.dtype == "bfloat16" and cfg.remat == "full"
-  mesh = train.sharding.make_mesh({"data": -1})
+  mesh = sharding.make_mesh({"data": -1})
   cfg2, params, frozen = train.build_model(c, TASK_VOCAB, mesh, log=lambda _: None)
   assert cfg2 == cfg and frozen is None
   want = hf.load_hf_params(ckpt, cfg)

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgrpo_jax import train
+from fgrpo_jax.data import arrays as arrays_lib
+from fgrpo_jax import config as config_lib
+from fgrpo_jax import steps as steps_lib
 from fgrpo_jax.data import tasks
 from fgrpo_jax.models import llama
 
@@ -37,16 +39,16 @@ def test_rl_step_compiles_only_on_the_first_step():
   config = _config("tiny")
   task = tasks.load_task(config)
   layout = task.layout_fn(config.rollout.slate_size, config.rollout.rank_size)
-  cfg = train.model_config(config, task.vocab_size)
-  settings = train.RLSettings.from_config(config)
-  optimizer = train.make_optimizer(config.optim, config.rl.lr, config.rl.steps)
+  cfg = config_lib.model_config(config, task.vocab_size)
+  settings = steps_lib.RLSettings.from_config(config)
+  optimizer = steps_lib.make_optimizer(config.optim, config.rl.lr, config.rl.steps)
   params = llama.init_params(cfg, jax.random.key(config.seed))
-  state = train.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+  state = steps_lib.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
   # Real batches in training order, and per-step keys, made before counting.
   split = task.splits["train"]
   n, bsz = split["prompt"].shape[0], config.rl.batch_prompts
-  batches = [train.take_batch(split, train.batch_indices(config.seed, 1, step, n, bsz))
+  batches = [arrays_lib.take_batch(split, arrays_lib.batch_indices(config.seed, 1, step, n, bsz))
              for step in range(STEPS)]
   base = jax.random.key(config.seed)
   keys = [jax.random.fold_in(base, step) for step in range(STEPS)]
@@ -65,11 +67,11 @@ def test_rl_step_compiles_only_on_the_first_step():
   try:
     losses, after_first = [], None
     for step in range(STEPS):
-      state, metrics = train.rl_step(state, None, batches[step], keys[step], cfg=cfg,
+      state, metrics = steps_lib.rl_step(state, None, batches[step], keys[step], cfg=cfg,
                                      layout=layout, optimizer=optimizer, settings=settings)
       losses.append(float(jax.device_get(metrics["loss"])))
       if step == 0:
-        after_first = (list(compiled), train.rl_step._cache_size())
+        after_first = (list(compiled), steps_lib.rl_step._cache_size())
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
 
@@ -77,6 +79,6 @@ def test_rl_step_compiles_only_on_the_first_step():
   assert first_compiles, "the listener saw no compilation at all: is the event name stale?"
   assert compiled == first_compiles, (
       f"recompiled after the first step: {compiled[len(first_compiles):]}")
-  assert train.rl_step._cache_size() == first_cache
+  assert steps_lib.rl_step._cache_size() == first_cache
   assert int(state.step) == STEPS
   assert all(np.isfinite(losses))

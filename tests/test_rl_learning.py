@@ -1,8 +1,8 @@
 """RL that measurably learns: the jitted RL steps raise the reward they are given.
 
 From a fixed initialisation, on a small task whose reward-maximising slate and
-ranking are known, a few dozen steps of train.rl_step (F-GRPO, GRPO) and
-train.decoupled_step must raise the mean sampled reward of each phase by a stated
+ranking are known, a few dozen steps of steps_lib.rl_step (F-GRPO, GRPO) and
+steps_lib.decoupled_step must raise the mean sampled reward of each phase by a stated
 margin. The same test run with the advantages' sign flipped, or with a learning
 rate of 0 (the update skipped), must not: so a no-op or sign-flipped RL stage
 cannot pass, which `test_tiny_run_beats_popularity_and_random` alone would allow
@@ -29,6 +29,8 @@ from fgrpo_jax import parse
 from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout
 from fgrpo_jax import train
+from fgrpo_jax import config as config_lib
+from fgrpo_jax import steps as steps_lib
 from fgrpo_jax.models import llama
 
 # XLA:CPU fast-compile options: each case compiles its own step (seconds, not ~10 s).
@@ -65,7 +67,7 @@ def _task():
 
 def _settings(algorithm, **kw):
   kw = {"lam": 1.0, "inner_steps": 1, **kw}  # one update per step: the smallest program
-  return train.RLSettings(
+  return steps_lib.RLSettings(
       algorithm=algorithm, group_size=G, temperature=1.0, coverage="recall", rank_metric="ndcg",
       gain="exp", advantage="mean", loss=objectives.PolicyLossConfig(), **kw)
 
@@ -80,14 +82,14 @@ def _train_rewards(algorithm, lr, settings=None):
   if algorithm == "decoupled":
     params = {"selector": params, "ranker": jax.tree.map(jnp.copy, params)}
     opt_state = {r: optimizer.init(p) for r, p in params.items()}
-    step_fn = train.decoupled_step
+    step_fn = steps_lib.decoupled_step
     # The decoupled step trains each policy on half the prompts: give it the batch
     # twice so that both halves are the whole task.
     batch = jax.tree.map(lambda x: jnp.concatenate([x, x]), batch)
   else:
     opt_state = optimizer.init(params)
-    step_fn = train.rl_step
-  state = train.TrainState(params, opt_state, jnp.zeros((), jnp.int32))
+    step_fn = steps_lib.rl_step
+  state = steps_lib.TrainState(params, opt_state, jnp.zeros((), jnp.int32))
   key = jax.random.key(1)
   compiled = step_fn.lower(state, None, batch, key, cfg=cfg, layout=layout, optimizer=optimizer,
                            settings=settings).compile(FAST_COMPILE)
@@ -164,7 +166,7 @@ def test_schedule_spans_every_optimizer_update(tmp_path, algorithm):
   train.run(c, str(tmp_path), log=lambda *_: None)
   with open(tmp_path / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
-  stage = train.main_stage(algorithm)
+  stage = config_lib.main_stage(algorithm)
   rows = [r for r in rows if r["stage"] == stage and "lr" in r]
   total = c.rl.steps * c.rl.inner_steps
   assert [r["opt_updates"] for r in rows] == [3, 6, 9, 12]
@@ -180,8 +182,8 @@ def test_schedule_spans_every_optimizer_update(tmp_path, algorithm):
 
 def test_baseline_budgets_follow_the_rule():
   c = recsys.get_config("default")
-  rl = train.stage_sizes("rl", c)
-  more = train.stage_sizes("sft_more", c)
+  rl = config_lib.stage_sizes("rl", c)
+  more = config_lib.stage_sizes("sft_more", c)
   G = c.rollout.group_size
   assert rl.batch_size * G == more.batch_size  # sampled rollouts == gold sequences
   assert rl.updates == more.updates == c.rl.steps * c.rl.inner_steps
@@ -204,7 +206,7 @@ def test_decoupled_samples_the_same_number_of_sequences():
   def sequences(step_fn, p, opt_state):
     counted.clear()
     jax.clear_caches()  # trace anew, through the counting sampler
-    state = train.TrainState(p, opt_state, jnp.zeros((), jnp.int32))
+    state = steps_lib.TrainState(p, opt_state, jnp.zeros((), jnp.int32))
     jax.eval_shape(lambda st, b, k: step_fn(st, None, b, k, cfg=cfg, layout=layout,
                                              optimizer=optimizer,
                                              settings=_settings("fgrpo", inner_steps=1)),
@@ -213,9 +215,9 @@ def test_decoupled_samples_the_same_number_of_sequences():
 
   pytest.MonkeyPatch().setattr(rollout, "sample", counting)
   try:
-    one = sequences(train.rl_step, params, optimizer.init(params))
+    one = sequences(steps_lib.rl_step, params, optimizer.init(params))
     pair = {"selector": params, "ranker": params}
-    two = sequences(train.decoupled_step, pair, {r: optimizer.init(p) for r, p in pair.items()})
+    two = sequences(steps_lib.decoupled_step, pair, {r: optimizer.init(p) for r, p in pair.items()})
   finally:
     rollout.sample = original
   assert one == B * G and two == one
@@ -227,8 +229,8 @@ def test_decoupled_samples_the_same_number_of_sequences():
 
 def test_loss_groups_do_not_depend_on_the_algorithm():
   for norm in ("phase", "joint"):
-    f = train.loss_groups(_settings("fgrpo", loss_norm=norm))
-    g = train.loss_groups(_settings("grpo", loss_norm=norm))
+    f = steps_lib.loss_groups(_settings("fgrpo", loss_norm=norm))
+    g = steps_lib.loss_groups(_settings("grpo", loss_norm=norm))
     assert f == g
 
 
@@ -239,8 +241,8 @@ def test_joint_norm_is_one_mean_with_lambda_on_rank_tokens():
   lp = jnp.asarray(rng.normal(size=(2, 4, 9)), jnp.float32)
   lam = 0.5
   s = _settings("fgrpo", loss_norm="joint", lam=lam)
-  token_adv, _, ids = train.rl_advantages(r_gen, r_rank, jnp.ones((2, 4), bool), phase_ids, s)
-  loss, _ = objectives.clipped_surrogate(lp, lp, token_adv, ids, train.loss_groups(s),
+  token_adv, _, ids = steps_lib.rl_advantages(r_gen, r_rank, jnp.ones((2, 4), bool), phase_ids, s)
+  loss, _ = objectives.clipped_surrogate(lp, lp, token_adv, ids, steps_lib.loss_groups(s),
                                          objectives.PolicyLossConfig())
   # Reference: ratio 1, so the surrogate is the advantage itself.
   a_gen = np.asarray(r_gen) - np.asarray(r_gen).mean(-1, keepdims=True)
@@ -251,8 +253,8 @@ def test_joint_norm_is_one_mean_with_lambda_on_rank_tokens():
   np.testing.assert_allclose(float(loss), -total / np.isin(ids_np, (1, 2)).sum(), rtol=1e-5)
   # Phase normalisation of the same advantages: mean over each phase, lam on rank.
   s = dataclasses.replace(s, loss_norm="phase")
-  token_adv, _, ids = train.rl_advantages(r_gen, r_rank, jnp.ones((2, 4), bool), phase_ids, s)
-  loss, _ = objectives.clipped_surrogate(lp, lp, token_adv, ids, train.loss_groups(s),
+  token_adv, _, ids = steps_lib.rl_advantages(r_gen, r_rank, jnp.ones((2, 4), bool), phase_ids, s)
+  loss, _ = objectives.clipped_surrogate(lp, lp, token_adv, ids, steps_lib.loss_groups(s),
                                          objectives.PolicyLossConfig())
   expected = (np.sum(np.where(ids_np == 1, a_gen[..., None], 0)) / (ids_np == 1).sum()
               + lam * np.sum(np.where(ids_np == 2, a_rank[..., None], 0)) / (ids_np == 2).sum())
@@ -264,14 +266,14 @@ def test_undefined_rank_rewards_leave_the_rank_loss():
   r_gen = jnp.asarray([[0.0, 1.0, 1.0, 0.0]])
   r_rank = jnp.asarray([[0.0, 1.0, 0.5, 0.0]])
   ok = jnp.asarray([[False, True, True, False]])
-  token_adv, adv, ids = train.rl_advantages(r_gen, r_rank, ok, phase_ids,
+  token_adv, adv, ids = steps_lib.rl_advantages(r_gen, r_rank, ok, phase_ids,
                                             _settings("fgrpo", rank_ideal="slate"))
   np.testing.assert_allclose(adv["adv_rank"], [[0.0, 0.25, -0.25, 0.0]])
   ids = np.asarray(ids)
   assert np.all(ids[0, [0, 3]][:, 3:] == R.PHASE_NONE)  # left out of the rank loss
   assert np.all(ids[0, [1, 2]][:, 3:] == R.PHASE_RANK)
   # GRPO keeps every token: its joint reward counts an undefined R_rank as 0.
-  _, _, ids = train.rl_advantages(r_gen, r_rank, ok, phase_ids,
+  _, _, ids = steps_lib.rl_advantages(r_gen, r_rank, ok, phase_ids,
                                   _settings("grpo", rank_ideal="slate"))
   np.testing.assert_array_equal(ids, phase_ids)
 
@@ -282,7 +284,7 @@ def test_group_diagnostics_match_numpy():
   r_gen[0] = 1.0  # a group with no slate signal
   r_rank = np.clip(r_gen * rng.random((6, 8)) + 0.1 * rng.random((6, 8)), 0, 1).astype(np.float32)
   ok = np.ones((6, 8), bool)
-  d = train.group_diagnostics(jnp.asarray(r_gen), jnp.asarray(r_rank), jnp.asarray(ok),
+  d = steps_lib.group_diagnostics(jnp.asarray(r_gen), jnp.asarray(r_rank), jnp.asarray(ok),
                               _settings("grpo"))
   a_gen = r_gen - r_gen.mean(-1, keepdims=True)
   a_rank = r_rank - r_rank.mean(-1, keepdims=True)
@@ -307,7 +309,7 @@ def test_rank_reward_cut_off_matches_plain_python(rank_metric, rank_k):
                        slate=jnp.asarray(slates), ranking=jnp.asarray(rankings),
                        errors={n: jnp.zeros((B, G), bool) for n in parse.ERRORS})
   s = dataclasses.replace(_settings("fgrpo", rank_k=rank_k), rank_metric=rank_metric)
-  _, r_rank, _ = train.rollout_rewards(ro, jnp.asarray(relevance), s, m)
+  _, r_rank, _ = steps_lib.rollout_rewards(ro, jnp.asarray(relevance), s, m)
   cut = rank_k or m
 
   def plain(ranking, rel):
@@ -328,5 +330,5 @@ def test_rank_reward_cut_off_matches_plain_python(rank_metric, rank_k):
 def test_rank_cut_off_beyond_the_ranking_is_a_config_error(value):
   c = recsys.get_config("tiny")
   c.reward.rank_k = value
-  with pytest.raises(train.ConfigError, match=r"^config.reward.rank_k="):
-    train.validate_config(c)
+  with pytest.raises(config_lib.ConfigError, match=r"^config.reward.rank_k="):
+    config_lib.validate_config(c)

@@ -7,7 +7,7 @@ the differences as JSON. The pure spec/mesh logic is tested in-process.
 
 Checked on meshes data=8, fsdp=8, fsdp=4 x tensor=2, data=2 x fsdp=2 x tensor=2
 against one device: SFT and RL (clipped surrogate) losses and gradients, greedy
-rollouts, the parameter layout; on one mesh also a `train.rl_step` on a sharded
+rollouts, the parameter layout; on one mesh also a `steps.rl_step` on a sharded
 TrainState, the sharded init and the KV-cache layout. A second worker run does the
 same for a Qwen3.5 (a Gated DeltaNet and a gated-attention layer) on the two meshes
 that split heads (fsdp4_tensor2, data2_fsdp2_tensor2), its conv window and recurrent
@@ -40,7 +40,7 @@ MESHES = {
 LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5
 METRIC_RTOL, METRIC_ATOL = 1e-4, 1e-5
-RL_STEP_MESH = "data2_fsdp2_tensor2"  # the mesh that also runs train.rl_step
+RL_STEP_MESH = "data2_fsdp2_tensor2"  # the mesh that also runs steps.rl_step
 INIT_MESH = "fsdp4_tensor2"  # the mesh that also checks sharded init and KV-cache layout
 QWEN3_5_MESHES = (INIT_MESH, RL_STEP_MESH)  # the Qwen3.5 run's meshes
 # Faster XLA:CPU compiles (the run is compile-bound); same flags for 1 and 8 devices.
@@ -75,7 +75,8 @@ def _worker(out_path: str, arch: str = "llama") -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from fgrpo_jax import objectives, sharding, train
+  from fgrpo_jax import objectives, sharding
+  from fgrpo_jax import steps as steps_lib
   from fgrpo_jax import rewards as R
   from fgrpo_jax import rollout as rollout_lib
   from fgrpo_jax.models import llama
@@ -129,9 +130,9 @@ def _worker(out_path: str, arch: str = "llama") -> None:
 
   @jax.jit
   def losses_grads_rollouts(params, batch, rl_inputs):
-    """SFT loss+grads (as train.sft_step), RL loss+grads (as train.rl_step), greedy rollouts."""
+    """SFT loss+grads (as steps.sft_step), RL loss+grads (as steps.rl_step), greedy rollouts."""
     mb = {k: batch[k] for k in model_keys}
-    gold = train.gold_choices(batch["relevance"], batch["pool_mask"], key, layout)[:, None]
+    gold = steps_lib.gold_choices(batch["relevance"], batch["pool_mask"], key, layout)[:, None]
     gold_phases = jnp.broadcast_to(jnp.asarray(layout.phase_ids), gold.shape)
 
     def sft_loss(p):
@@ -152,15 +153,15 @@ def _worker(out_path: str, arch: str = "llama") -> None:
             "clip_frac": clip_frac, "greedy_choices": greedy.choices,
             "greedy_logprobs": greedy.logprobs}
 
-  optimizer = train.make_optimizer(_optim_config(), 1e-3, total_steps=10)
-  settings = train.RLSettings(
+  optimizer = steps_lib.make_optimizer(_optim_config(), 1e-3, total_steps=10)
+  settings = steps_lib.RLSettings(
       algorithm="fgrpo", group_size=G, temperature=1.0, coverage="recall", rank_metric="ndcg",
       gain="exp", lam=1.0, advantage="mean", inner_steps=1, loss=loss_cfg)
 
   def fresh_state(params):
-    return train.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    return steps_lib.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
-  def run_rl_step(state, batch, step=train.rl_step):
+  def run_rl_step(state, batch, step=steps_lib.rl_step):
     new_state, metrics = step(state, None, batch, key, cfg=cfg, layout=layout,
                               optimizer=optimizer, settings=settings)
     return new_state, {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -215,14 +216,14 @@ def _worker(out_path: str, arch: str = "llama") -> None:
     }
     for k in ("sft_loss_abs", "rl_loss_abs"):
       r[k.replace("_abs", "_rel")] = r[k] / abs(results["reference"][k[:-4]])
-    if name == RL_STEP_MESH:  # one train.rl_step on a sharded TrainState
+    if name == RL_STEP_MESH:  # one steps.rl_step on a sharded TrainState
       state = sharding.shard_train_state(fresh_state(params0), mesh)
       mu = state.opt_state[1][0].mu
       r["adam_mu_o_proj_spec"] = spec_json(mu["attn" if "attn" in mu else "layers"]["o_proj"]
                                            .sharding.spec)
       r["state_specs"] = specs(state)
       step = sharding.pin_state_shardings(
-          train.rl_step, sharding.train_state_shardings(state, mesh),
+          steps_lib.rl_step, sharding.train_state_shardings(state, mesh),
           static_argnames=("cfg", "layout", "optimizer", "settings"))
       new_state, metrics = run_rl_step(state, sbatch, step)
       r["rl_step_metric_err"] = {k: abs(metrics[k] - v) for k, v in ref_metrics.items()}
@@ -513,7 +514,8 @@ def test_decoupled_pair_state_shardings_match_role_by_role():
   import jax
   import jax.numpy as jnp
   import optax
-  from fgrpo_jax import sharding, train
+  from fgrpo_jax import sharding
+  from fgrpo_jax import steps as steps_lib
   from fgrpo_jax.models import llama
   mesh = sharding.make_mesh({"data": -1})
   cfg = llama.ModelConfig(vocab_size=64, num_layers=1, hidden=32, num_heads=4, num_kv_heads=2,
@@ -522,7 +524,7 @@ def test_decoupled_pair_state_shardings_match_role_by_role():
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
   pair = {"selector": shapes, "ranker": shapes}
   o_pair = {r: jax.eval_shape(opt.init, shapes) for r in pair}
-  state = train.TrainState(pair, o_pair, jax.ShapeDtypeStruct((), jnp.int32))
+  state = steps_lib.TrainState(pair, o_pair, jax.ShapeDtypeStruct((), jnp.int32))
   sh = sharding.train_state_shardings(state, mesh)
   for role in pair:
     adam = sh.opt_state[role][1][0]
@@ -535,7 +537,8 @@ def test_shard_batch_and_train_state_single_process():
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from fgrpo_jax import sharding, train
+  from fgrpo_jax import sharding
+  from fgrpo_jax import steps as steps_lib
   from fgrpo_jax.models import llama
   mesh = sharding.make_mesh({"data": -1})
   batch = {"x": np.arange(jax.device_count() * 2 * 3).reshape(-1, 3)}
@@ -547,10 +550,10 @@ def test_shard_batch_and_train_state_single_process():
                           head_dim=8, mlp_hidden=32)
   params = sharding.init_sharded_params(cfg, jax.random.key(0), mesh)
   opt = optax.adam(1e-3)
-  state = train.TrainState(params, sharding.init_opt_state(opt, params, mesh),
+  state = steps_lib.TrainState(params, sharding.init_opt_state(opt, params, mesh),
                            jnp.zeros((), jnp.int32))
   state = sharding.shard_train_state(state, mesh)
-  assert isinstance(state, train.TrainState)
+  assert isinstance(state, steps_lib.TrainState)
   assert state.step.sharding.spec == jax.sharding.PartitionSpec()
   host = sharding.gather_to_host(state.params)
   assert isinstance(host["embed"], np.ndarray)

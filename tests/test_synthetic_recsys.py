@@ -266,7 +266,7 @@ def test_oracle_is_the_generating_distribution(default):
   ex = default.train  # ~52k examples
   s = ex.oracle_scores.astype(np.float64)
   q = s / s.sum(axis=1, keepdims=True)  # P(target = slot | history, pool)
-  hit = sr.ranking_metrics(s, ex.relevance, ks=(1,), reduce=False)["hit@1"]
+  hit = sr.score_ranking_metrics(s, ex.relevance, ks=(1,), reduce=False)["hit@1"]
   p = q.max(axis=1)
   se = math.sqrt(float(np.sum(p * (1 - p)))) / len(ex)
   assert abs(hit.mean() - p.mean()) < 4 * se + 1e-3, (hit.mean(), p.mean(), se)
@@ -286,7 +286,7 @@ def test_oracle_is_the_generating_distribution(default):
 def test_oracle_beats_baselines(default):
   ex = default.train
   scores = default.baseline_scores(ex)
-  hit = {k: sr.ranking_metrics(v, ex.relevance, ks=(1,))["hit@1"]
+  hit = {k: sr.score_ranking_metrics(v, ex.relevance, ks=(1,))["hit@1"]
          for k, v in scores.items()}
   assert hit["oracle"] > hit["popularity"] + 0.2
   assert hit["oracle"] > hit["last_item"] + 0.3
@@ -295,12 +295,12 @@ def test_oracle_beats_baselines(default):
   # On held-out users' last items the oracle also beats the estimated bigram.
   te = default.test
   t_scores = default.baseline_scores(te)
-  t_hit = {k: sr.ranking_metrics(v, te.relevance, ks=(1,))["hit@1"]
+  t_hit = {k: sr.score_ranking_metrics(v, te.relevance, ks=(1,))["hit@1"]
            for k, v in t_scores.items()}
   assert t_hit["oracle"] > t_hit["bigram"] + 0.02
   # Conditioning on more history helps (type inference is part of the task).
   last1 = default.model.oracle_scores(te.history[:, -1:], te.pool)
-  assert t_hit["oracle"] > sr.ranking_metrics(last1, te.relevance, ks=(1,))["hit@1"]
+  assert t_hit["oracle"] > sr.score_ranking_metrics(last1, te.relevance, ks=(1,))["hit@1"]
 
 
 def test_default_summary_has_headroom(default):
@@ -326,14 +326,14 @@ def test_ranking_metrics_ties_and_extremes():
   rel = np.zeros((3, 4), np.float32)
   rel[:, 1] = 1
   const = np.zeros((3, 4))
-  m = sr.ranking_metrics(const, rel, ks=(1, 2))
+  m = sr.score_ranking_metrics(const, rel, ks=(1, 2))
   assert m["hit@1"] == pytest.approx(0.25) and m["hit@2"] == pytest.approx(0.5)
   assert m["ndcg@2"] == pytest.approx(0.25 * (1 + 1 / math.log2(3)))
-  pess = sr.ranking_metrics(const, rel, ks=(1, 4), ties="pessimistic")
+  pess = sr.score_ranking_metrics(const, rel, ks=(1, 4), ties="pessimistic")
   assert pess["hit@1"] == 0.0 and pess["hit@4"] == 1.0
-  perfect = sr.ranking_metrics(rel.astype(float), rel, ks=(1, 3))
+  perfect = sr.score_ranking_metrics(rel.astype(float), rel, ks=(1, 3))
   assert perfect["hit@1"] == 1.0 and perfect["ndcg@3"] == 1.0 and perfect["mrr"] == 1.0
-  worst = sr.ranking_metrics(-rel.astype(float), rel, ks=(1, 3))
+  worst = sr.score_ranking_metrics(-rel.astype(float), rel, ks=(1, 3))
   assert worst["hit@1"] == 0.0 and worst["hit@3"] == 0.0
   assert worst["mrr"] == pytest.approx(0.25)
 

@@ -16,7 +16,9 @@ import pytest
 from configs import recsys
 from fgrpo_jax import objectives
 from fgrpo_jax import rollout
-from fgrpo_jax import train
+from fgrpo_jax.data import arrays as arrays_lib
+from fgrpo_jax import config as config_lib
+from fgrpo_jax import steps as steps_lib
 from fgrpo_jax.models import llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +106,7 @@ def test_gold_choices_put_relevant_first():
   pool_mask = jnp.array([[True] * 6, [True] * 5 + [False]])
   for seed in range(5):
     for order in ("relevant_first", "random"):
-      choices = np.asarray(train.gold_choices(relevance, pool_mask, jax.random.key(seed), layout,
+      choices = np.asarray(steps_lib.gold_choices(relevance, pool_mask, jax.random.key(seed), layout,
                                               order))
       slate, ranking = choices[:, :4], choices[:, 6:8]
       assert ranking[0, 0] == 2 and list(ranking[1]) == [1, 4]
@@ -114,7 +116,7 @@ def test_gold_choices_put_relevant_first():
       for row in slate:
         assert len(set(row.tolist())) == 4
   # Random order puts the relevant candidate at every slate position over seeds.
-  positions = {int(np.argmax(np.asarray(train.gold_choices(
+  positions = {int(np.argmax(np.asarray(steps_lib.gold_choices(
       relevance, pool_mask, jax.random.key(s), layout))[0, :4] == 2)) for s in range(40)}
   assert positions == {0, 1, 2, 3}
 
@@ -139,7 +141,7 @@ def test_gold_choices_follow_any_graded_relevance(seed):
   pool_mask = np.ones((4, 12), bool)
   pool_mask[1, 9:] = False
   relevance[1, 9:] = 5.0  # padding never enters, whatever its relevance
-  choices = np.asarray(train.gold_choices(jnp.asarray(relevance), jnp.asarray(pool_mask),
+  choices = np.asarray(steps_lib.gold_choices(jnp.asarray(relevance), jnp.asarray(pool_mask),
                                           jax.random.key(seed), layout))
   slate, ranking = choices[:, :5], choices[:, 7:10]
   for row, (want_rank, want_slate) in enumerate(_reference_gold(relevance, pool_mask, 5, 3)):
@@ -163,12 +165,12 @@ def test_gold_choices_unchanged_on_binary_relevance():
     perm = jnp.argsort(jax.random.uniform(k_order, old_slate.shape), axis=-1)
     want = rollout.choices_from_slate_ranking(jnp.take_along_axis(old_slate, perm, -1),
                                               old_slate[:, :2], layout)
-    np.testing.assert_array_equal(train.gold_choices(relevance, pool_mask, key, layout), want)
+    np.testing.assert_array_equal(steps_lib.gold_choices(relevance, pool_mask, key, layout), want)
 
 
 def test_batch_indices_cover_epochs_and_are_pure():
-  a = [train.batch_indices(0, 1, s, 10, 4) for s in range(5)]
-  b = [train.batch_indices(0, 1, s, 10, 4) for s in range(5)]
+  a = [arrays_lib.batch_indices(0, 1, s, 10, 4) for s in range(5)]
+  b = [arrays_lib.batch_indices(0, 1, s, 10, 4) for s in range(5)]
   np.testing.assert_array_equal(np.concatenate(a), np.concatenate(b))
   first_epoch = np.concatenate(a)[:10]
   assert sorted(first_epoch.tolist()) == list(range(10))
@@ -252,16 +254,16 @@ def _tiny_problem(B=8):
 
 def _state(params, optimizer):
   params = jax.tree.map(jnp.copy, params)  # the steps donate their state
-  return train.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+  return steps_lib.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
 @functools.lru_cache(maxsize=None)
 def _sft_run(grad_accum: int, dtype: str = "float32", optimizer=SGD_SFT):
-  """(new TrainState, metrics) of one train.sft_step on the tiny problem."""
+  """(new TrainState, metrics) of one steps.sft_step on the tiny problem."""
   cfg, layout, batch, params = _tiny_problem()
   cfg = dataclasses.replace(cfg, dtype=dtype)
   options = FAST_COMPILE if dtype == "float32" else BF16_COMPILE
-  return _fast(train.sft_step, _state(params, optimizer), batch, jax.random.key(1), cfg=cfg,
+  return _fast(steps_lib.sft_step, _state(params, optimizer), batch, jax.random.key(1), cfg=cfg,
                layout=layout, optimizer=optimizer, grad_accum=grad_accum, options=options)
 
 
@@ -281,9 +283,9 @@ def _random_rollouts(layout, batch, G, rng):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layout", "settings"))
 def _rl_update(params, ref_params, batch, choices, phase_ids, key, *, cfg, layout, settings):
-  """train.policy_update (as in rl_step and decoupled_step) on fixed rollouts whose
+  """steps.policy_update (as in rl_step and decoupled_step) on fixed rollouts whose
   old log-probs are the current ones plus noise (ratios != 1, some clipped)."""
-  mb = train._model_batch(batch)
+  mb = arrays_lib.model_inputs(batch)
   lp, _ = rollout.sequence_logprobs(params, mb, choices, cfg=cfg, layout=layout)
   k_old, k_adv = jax.random.split(key)
   is_choice = phase_ids != 0
@@ -291,7 +293,7 @@ def _rl_update(params, ref_params, batch, choices, phase_ids, key, *, cfg, layou
   adv = jnp.where(is_choice, jax.random.normal(k_adv, lp.shape), 0.0)
   ro = rollout.Rollout(tokens=choices, choices=choices, phase_ids=phase_ids, logprobs=old,
                        slate=None, ranking=None)
-  params, _, metrics = train.policy_update(
+  params, _, metrics = steps_lib.policy_update(
       params, SGD_RL.init(params), mb, ro, adv, objectives.fgrpo_groups(0.5), ref_params,
       cfg=cfg, layout=layout, optimizer=SGD_RL, settings=settings)
   return params, metrics
@@ -324,7 +326,7 @@ def test_rl_grad_accumulation_matches_full_batch():
   per-phase weights, KL to a reference policy."""
   cfg, layout, batch, params = _tiny_problem()
   choices, phase_ids = _random_rollouts(layout, batch, G=4, rng=np.random.default_rng(1))
-  base = train.RLSettings(
+  base = steps_lib.RLSettings(
       algorithm="fgrpo", group_size=4, temperature=1.0, coverage="recall", rank_metric="ndcg",
       gain="exp", lam=0.5, advantage="mean", inner_steps=1,
       loss=objectives.PolicyLossConfig(kl_coef=0.1))
@@ -339,10 +341,10 @@ def test_rl_grad_accumulation_matches_full_batch():
 
 def test_split_microbatches_is_strided():
   x = jnp.arange(8 * 3).reshape(8, 3)
-  micro = train.split_microbatches({"x": x}, 4)["x"]
+  micro = steps_lib.split_microbatches({"x": x}, 4)["x"]
   assert micro.shape == (4, 2, 3)
   np.testing.assert_array_equal(micro[1], x[jnp.array([1, 5])])
-  np.testing.assert_array_equal(train.merge_microbatches({"x": micro})["x"], x)
+  np.testing.assert_array_equal(steps_lib.merge_microbatches({"x": micro})["x"], x)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -355,11 +357,11 @@ def test_grad_accum_must_divide_every_update(overrides, message):
   for field, value in overrides.items():
     section, _, name = field.rpartition(".")
     (config[section] if section else config)[name] = value
-  with pytest.raises(train.ConfigError, match="config.optim.grad_accum") as e:
-    train.validate_config(config)
+  with pytest.raises(config_lib.ConfigError, match="config.optim.grad_accum") as e:
+    config_lib.validate_config(config)
   assert message in str(e.value)
   config.optim.grad_accum = 4  # divides 32, 8 (and 4 rows per decoupled half)
-  train.validate_config(config)
+  config_lib.validate_config(config)
 
 
 # Mixed precision: config.model.dtype="bfloat16" computes in bfloat16 (every matmul
@@ -393,7 +395,7 @@ def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
 def test_bfloat16_forward_computes_in_bf16():
   cfg, layout, batch, params = _tiny_problem()
   choices, _ = _random_rollouts(layout, batch, G=1, rng=np.random.default_rng(3))
-  mb = train._model_batch(batch)
+  mb = arrays_lib.model_inputs(batch)
   for dtype in ("float32", "bfloat16"):
     c = dataclasses.replace(cfg, dtype=dtype)
     jaxpr = jax.make_jaxpr(lambda p: rollout.sequence_logprobs(p, mb, choices, cfg=c,
@@ -434,5 +436,5 @@ def test_zero_sizes_and_temperature_are_config_errors(field, value):
   c = recsys.get_config("tiny")
   section, _, name = field.rpartition(".")
   (c[section] if section else c)[name] = value
-  with pytest.raises(train.ConfigError, match=f"^config.{field}="):
-    train.validate_config(c)
+  with pytest.raises(config_lib.ConfigError, match=f"^config.{field}="):
+    config_lib.validate_config(c)

@@ -29,14 +29,13 @@ common token budget that fits.
 
 from __future__ import annotations
 
-import dataclasses
 import string
 from typing import Sequence
 
 import numpy as np
 
 from fgrpo_jax.errors import UserError
-from fgrpo_jax.rollout import Layout
+from fgrpo_jax.rollout import Layout, with_budget
 
 SLATE_OPEN, MID_TAGS, END_TAGS = "<slate>", "</slate><rank>", "</rank>"
 ID_PREFIX = " "  # an identifier is written as ID_PREFIX + name (" A")
@@ -173,10 +172,7 @@ class ChatPrompts:
     m = self.rank_size if rank_size is None else rank_size
     base = Layout(slate_size=k, rank_size=m, mid_tags=self.mid_tags, end_tags=self.end_tags,
                   stop_tokens=self.stop_tokens, pad_token=self.pad_token)
-    if constrained:
-      return base
-    return dataclasses.replace(base, constrained=False,
-                               max_new_tokens=max_new_tokens or 2 * base.schedule_length)
+    return with_budget(base, constrained, max_new_tokens)
 
   # --------------------------------------------------------------------------
   # Rendering and tokenizing.

@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from fgrpo_jax.data.arrays import SPLITS
 from fgrpo_jax.data import cache as cache_lib
 from fgrpo_jax.data import pipeline
 from fgrpo_jax.data import text_prompts
@@ -46,7 +47,6 @@ from fgrpo_jax.data import textio
 from fgrpo_jax.errors import UserError
 
 DATASETS = ("hotpotqa", "musique", "2wiki")
-SPLITS = ("train", "validation", "test")
 PREP_VERSION = 3  # bump when preparation changes: part of the cache key
 
 # Defaults of the config.data fields read with .get.
@@ -72,18 +72,6 @@ class QAExample:
   question: str
   passages: list[str]
   supporting: list[bool]
-
-
-class _Problems:
-  def __init__(self, skip: bool):
-    self.skip, self.count, self.first = skip, 0, None
-
-  def __call__(self, path, lineno, message):
-    text = f"{path}:{lineno}: {message}"
-    if not self.skip:
-      raise UserError(text + " (config.data.skip_bad_lines=True skips such examples)")
-    self.count += 1
-    self.first = self.first or text
 
 
 # ----------------------------------------------------------------------------
@@ -227,7 +215,7 @@ def _musique_example(obj, path, lineno, index, problems, counts) -> QAExample | 
                    passages=passages, supporting=supporting)
 
 
-def read_examples(path: str, dataset: str, problems: _Problems, counts: dict) -> list[QAExample]:
+def read_examples(path: str, dataset: str, problems: textio.BadLines, counts: dict) -> list[QAExample]:
   """All usable examples of one published file."""
   out = []
   if dataset == "musique":
@@ -438,7 +426,7 @@ def prepare(config, workdir: str | None = None, log=print) -> PreparedQA:
   settings = {"name": name, "seed": int(config.seed), "prep_version": PREP_VERSION, **raw}
 
   def build(writer):
-    problems = _Problems(bool(raw["skip_bad_lines"]))
+    problems = textio.BadLines(bool(raw["skip_bad_lines"]), "examples")
     counts = {"read": 0, "skipped_no_supporting": 0, "supporting_titles_not_in_context": 0}
     train_all = read_examples(train_path, name, problems, counts)
     c_train = dict(counts)

@@ -52,6 +52,7 @@ from typing import Callable
 
 import numpy as np
 
+from fgrpo_jax.data.arrays import SPLITS
 from fgrpo_jax.data import cache as cache_lib
 from fgrpo_jax.data import pipeline
 from fgrpo_jax.data import textio
@@ -59,7 +60,6 @@ from fgrpo_jax.data.synthetic_recsys import RecsysDataset, RecsysExamples
 from fgrpo_jax.errors import UserError
 
 DATASETS = ("movielens", "lastfm", "amazon", "recbole")
-SPLITS = ("train", "validation", "test")
 DEDUP = ("first", "consecutive", "none")
 PREP_VERSION = 1  # bump when preparation changes: part of the cache key
 
@@ -88,20 +88,6 @@ def settings_from_config(config) -> dict:
 
 # ----------------------------------------------------------------------------
 # Reading files.
-
-
-class _Problems:
-  """Bad lines: an error naming file and line, or (skip_bad_lines) a counted skip."""
-
-  def __init__(self, skip: bool):
-    self.skip, self.count, self.first = skip, 0, None
-
-  def __call__(self, path: str, lineno: int, message: str) -> None:
-    text = f"{path}:{lineno}: {message}"
-    if not self.skip:
-      raise UserError(text + " (config.data.skip_bad_lines=True skips such lines)")
-    self.count += 1
-    self.first = self.first or text
 
 
 def _lines(path: str, encoding: str = "utf-8"):
@@ -288,7 +274,7 @@ MOVIELENS = (
 )
 
 
-def read_movielens(path: str, problems: _Problems):
+def read_movielens(path: str, problems: textio.BadLines):
   """-> (variant, events, names, source files)."""
   d = _find_dir(path, [[layout[1]] for layout in MOVIELENS])
   for variant, r_file, sep, fields, i_file, i_sep, encoding, is_csv in MOVIELENS:
@@ -316,7 +302,7 @@ def _iso_seconds(value: str) -> float:
   return datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
 
 
-def read_lastfm(path: str, problems: _Problems):
+def read_lastfm(path: str, problems: textio.BadLines):
   d = _find_dir(path, [[HETREC_EVENTS], [LFM1K_EVENTS]])
   if os.path.isfile(os.path.join(d, HETREC_EVENTS)):
     events_path, artists = _require(d, HETREC_EVENTS, "artists.dat")
@@ -350,7 +336,7 @@ def read_lastfm(path: str, problems: _Problems):
                   f"artists.dat (hetrec2011-lastfm-2k) or {LFM1K_EVENTS} (lastfm-dataset-1K))")
 
 
-def _json_lines(path: str, problems: _Problems):
+def _json_lines(path: str, problems: textio.BadLines):
   for lineno, line, nl in _lines(path):
     try:
       obj = textio.loads_line(line, nl)
@@ -397,7 +383,7 @@ def _amazon_files(d: str, category: str):
   return version, cat, reviews, meta
 
 
-def read_amazon(path: str, problems: _Problems, category: str = ""):
+def read_amazon(path: str, problems: textio.BadLines, category: str = ""):
   d = os.path.expanduser(path or "")
   if not path:
     raise UserError("config.data.path is empty: set it to the folder of the Amazon files")
@@ -485,7 +471,7 @@ def _column(cols: list[str], name: str, path: str, why: str) -> int:
   return cols.index(name)
 
 
-def read_recbole(path: str, problems: _Problems, dataset: str = ""):
+def read_recbole(path: str, problems: textio.BadLines, dataset: str = ""):
   """-> (dataset, events, names, source files) of RecBole atomic files."""
   dataset, inter, item = _recbole_files(path, dataset)
   cols, typed = _atomic_header(inter)
@@ -645,7 +631,7 @@ READERS: dict[str, tuple[Callable, str | None]] = {
     "amazon": (read_amazon, "category"), "recbole": (read_recbole, "dataset")}
 
 
-def read_events(settings: dict, problems: _Problems):
+def read_events(settings: dict, problems: textio.BadLines):
   """(variant, events, names, source files) of the dataset config.data.name names."""
   reader, option = READERS[settings["name"]]
   return reader(settings["path"], problems, *([settings[option]] if option else []))
@@ -660,14 +646,14 @@ def _source_files(settings) -> list[str]:
                   ("ratings.csv", "movies.csv")):
       if os.path.isfile(os.path.join(d, files[0])):
         return _require(d, *files)
-    read_movielens(path, _Problems(False))  # raises the "no MovieLens files" error
+    read_movielens(path, textio.BadLines(False))  # raises the "no MovieLens files" error
   if name == "lastfm":
     d = _find_dir(path, [[HETREC_EVENTS], [LFM1K_EVENTS]])
     if os.path.isfile(os.path.join(d, HETREC_EVENTS)):
       return _require(d, HETREC_EVENTS, "artists.dat")
     if os.path.isfile(os.path.join(d, LFM1K_EVENTS)):
       return _require(d, LFM1K_EVENTS)
-    read_lastfm(path, _Problems(False))
+    read_lastfm(path, textio.BadLines(False))
   if name == "amazon":
     d = os.path.expanduser(path or "")
     if not path:
@@ -683,7 +669,7 @@ def _source_files(settings) -> list[str]:
 
 def _prepare(settings: dict, writer: cache_lib.CacheWriter, log) -> None:
   name = settings["name"]
-  problems = _Problems(bool(settings["skip_bad_lines"]))
+  problems = textio.BadLines(bool(settings["skip_bad_lines"]))
   variant, ev, names, _ = read_events(settings, problems)
   counts: dict = {"variant": variant}
   steps = []

@@ -491,7 +491,7 @@ class RecsysDataset:
     }
     metrics = {}
     for name, scores in self.baseline_scores(ex).items():
-      m = ranking_metrics(scores, ex.relevance, ks=(1, 5))
+      m = score_ranking_metrics(scores, ex.relevance, ks=(1, 5))
       metrics[name] = {"hit@1": m["hit@1"], "hit@5": m["hit@5"],
                        "ndcg@5": m["ndcg@5"]}
     res["metrics"] = metrics
@@ -512,7 +512,7 @@ class RecsysDataset:
 # ----------------------------------------------------------------------------
 
 
-def ranking_metrics(scores: np.ndarray, relevance: np.ndarray,
+def score_ranking_metrics(scores: np.ndarray, relevance: np.ndarray,
                     ks: Iterable[int] = (1, 5, 10), ties: str = "random",
                     reduce: bool = True) -> dict[str, Any]:
   """Hit@k / NDCG@k / MRR of ranking each row's pool by ``scores`` (desc).

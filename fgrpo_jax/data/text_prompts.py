@@ -33,6 +33,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from fgrpo_jax.data import arrays as arrays_lib
 from fgrpo_jax.errors import UserError
 from fgrpo_jax.rollout import Layout
 
@@ -198,8 +199,7 @@ class QAPrompts:
     """Stored prompt rows (prompt, masks as uint8, ...) -> model arrays: bool masks and
     cand_tokens [N, C] = [P1]..[PC] added; other fields kept."""
     n = rows["prompt"].shape[0]
-    return dict(rows, prompt_mask=rows["prompt_mask"].astype(bool),
-                pool_mask=rows["pool_mask"].astype(bool),
+    return dict(arrays_lib.with_bool_masks(rows),
                 cand_tokens=np.broadcast_to(self.slot_ids, (n, self.pool_size)).copy())
 
   def decode(self, tokens) -> str:

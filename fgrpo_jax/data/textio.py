@@ -59,3 +59,18 @@ def loads_line(line: str, had_newline: bool = True):
       raise ValueError(f"invalid JSON: the line is truncated ({e.msg} at column "
                        f"{e.colno})") from None
     raise ValueError(f"invalid JSON: {e.msg} at column {e.colno}") from None
+
+
+class BadLines:
+  """Malformed input: an error naming file and line, or (config.data.skip_bad_lines) a
+  counted skip. unit: what a bad line loses ("lines", or "examples" of a JSON reader)."""
+
+  def __init__(self, skip: bool, unit: str = "lines"):
+    self.skip, self.unit, self.count, self.first = skip, unit, 0, None
+
+  def __call__(self, path: str, lineno: int, message: str) -> None:
+    text = f"{path}:{lineno}: {message}"
+    if not self.skip:
+      raise UserError(f"{text} (config.data.skip_bad_lines=True skips such {self.unit})")
+    self.count += 1
+    self.first = self.first or text
