@@ -64,7 +64,8 @@ def hf_model(params, cfg: llama.ModelConfig, max_positions: int):
   model = transformers.LlamaForCausalLM(hf_cfg).to(torch.float32).eval()
   t = lambda x: torch.from_numpy(np.array(x, np.float32))
   lp = params["layers"]
-  sd = {"model.embed_tokens.weight": t(params["embed"]), "model.norm.weight": t(params["final_norm"]),
+  sd = {"model.embed_tokens.weight": t(params["embed"]),
+        "model.norm.weight": t(params["final_norm"]),
         "lm_head.weight": t(params["lm_head"]).T.contiguous()}
   for i in range(cfg.num_layers):
     pre = f"model.layers.{i}."

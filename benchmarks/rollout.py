@@ -195,8 +195,8 @@ def sweep(a, name: str, repeats: int, values=None) -> list[dict]:
   rows = []
   for i, v in enumerate(points):
     cfg, T = shapes[i]
-    r = _result(ts[i], common.rollout_flops(cfg, v.prompts, v.group, v.prompt_len, T, columns=v.pool),
-                v.prompts, v.group, T)
+    flops = common.rollout_flops(cfg, v.prompts, v.group, v.prompt_len, T, columns=v.pool)
+    r = _result(ts[i], flops, v.prompts, v.group, T)
     r.update({name: v.sweep_value, "group": v.group, "pool": v.pool, "slate": v.slate,
               "rank": v.rank, "prompt_len": v.prompt_len})
     rows.append(r)

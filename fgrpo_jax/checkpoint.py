@@ -72,7 +72,8 @@ class StageCheckpointer:
         found = step, out["params"], out.get("opt_state")
         break
       except ValueError as e:
-        if any(m in str(e) for m in _MISMATCH):  # readable, but another run's layout: not a fallback case
+        # Readable, but another run's layout: not a fallback case.
+        if any(m in str(e) for m in _MISMATCH):
           raise CheckpointMismatch(
               f"{self.directory}: checkpoint step {step} holds other parameters than this "
               "run's (changed config.model.lora_rank / lora_targets, config.algorithm or "

@@ -18,8 +18,8 @@ from ml_collections import config_flags
 
 from fgrpo_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -321,7 +321,8 @@ def cache_shardings(cache, mesh):
   if isinstance(cache, (llama.DecodeCache, qwen3_5.DecodeCache)):
     kv = _cache_spec(6, 1, 4)  # k/v [L, B, G, S, K, D]
     out = dict(k=put("decode/k", cache.k, kv), v=put("decode/v", cache.v, kv))
-    if isinstance(cache, qwen3_5.DecodeCache):  # conv [La, B, G, Kc-1, Cd]; state [La, B, G, Hv, ..]
+    # Qwen3.5's DeltaNet layers: conv [La, B, G, Kc-1, Cd]; state [La, B, G, Hv, ..].
+    if isinstance(cache, qwen3_5.DecodeCache):
       out.update(conv=put("decode/conv", cache.conv, _cache_spec(5, 1, 4)),
                  state=put("decode/state", cache.state, _cache_spec(6, 1, 3)))
     return type(cache)(**out)

@@ -51,9 +51,9 @@ def compare(checkpoint: str, ref: str) -> None:
   diff = np.abs(got - want)
   print(f"tokens: {len(ids)}; chat template text equal: {ours_text == text}; "
         f"token ids equal: {list(ours_ids) == ids.tolist()}")
+  agree = np.mean(got.argmax(-1) == want.argmax(-1))
   print(f"max |logit diff| {diff.max():.2e} (mean {diff.mean():.2e}, logit scale "
-        f"{np.abs(want).max():.1f}); argmax equal at {np.mean(got.argmax(-1) == want.argmax(-1)):.1%}"
-        " of positions")
+        f"{np.abs(want).max():.1f}); argmax equal at {agree:.1%} of positions")
   sys.exit(0 if diff.max() <= 2e-3 else 1)
 
 

@@ -58,7 +58,8 @@ def main():
   n = arrays["prompt"].shape[0]
   print("| mode | step | nll_gen | nll_rank |\n|---|---|---|---|")
   for step in range(args.steps):
-    batch = arrays_lib.take_batch(arrays, arrays_lib.batch_indices(c.seed, 0, step, n, c.sft.batch_size))
+    idx = arrays_lib.batch_indices(c.seed, 0, step, n, c.sft.batch_size)
+    batch = arrays_lib.take_batch(arrays, idx)
     state, m = steps_lib.sft_step(state, batch, jax.random.key(step), cfg=cfg, layout=layout,
                               optimizer=optimizer)
     if (step + 1) % 50 == 0:

@@ -32,7 +32,6 @@ import sys
 import numpy as np
 import pytest
 
-from configs import multihop_qa as qa_configs
 from configs import recsys
 from fgrpo_jax import cli, export, guards, train, workdir_lock
 from fgrpo_jax import steps as steps_lib
@@ -719,7 +718,8 @@ def test_damaged_cache_is_prepared_again(tmp_path, damage):
   assert any("is corrupt (train.array_record" in line and "preparing it again" in line
              for line in logs), logs
   assert again.info["cache_dir"] == directory
-  assert cache.verify(directory, json.loads(open(os.path.join(directory, cache.MANIFEST)).read())) is None
+  with open(os.path.join(directory, cache.MANIFEST)) as f:
+    assert cache.verify(directory, json.load(f)) is None
   np.testing.assert_array_equal(again.train.pool, first.train.pool)
   assert not [p for p in os.listdir(tmp_path / "cache") if ".tmp" in p]
 

@@ -119,7 +119,8 @@ def test_decoupled_ranker_sees_only_the_selector_slate():
   np.testing.assert_array_equal(pair.slate, alone_sel.slate)
   assert not np.array_equal(alone_rnk.slate, alone_sel.slate)
   for b in range(16):
-    assert set(np.asarray(pair.ranking[b, 0]).tolist()) <= set(np.asarray(pair.slate[b, 0]).tolist())
+    ranked, slate = np.asarray(pair.ranking[b, 0]), np.asarray(pair.slate[b, 0])
+    assert set(ranked.tolist()) <= set(slate.tolist())
   forced = rollout.sample(rnk, batch, jax.random.key(0), cfg=cfg, layout=layout, group_size=1,
                           greedy=True, given_slate=alone_sel.slate[:, 0])
   np.testing.assert_array_equal(pair.ranking, forced.ranking)

@@ -45,7 +45,8 @@ def test_prepare_roundtrip_and_reuse(tmp_path):
   p1 = cache.prepare(root, "toy", {"k": 1}, [src], b, log=logs.append)
   assert not p1.reused and b.calls == 1
   assert os.path.basename(p1.dir).startswith("toy-")
-  assert p1.manifest["counts"]["rows"] == 23 and p1.manifest["splits"]["train"]["num_examples"] == 23
+  assert p1.manifest["counts"]["rows"] == 23
+  assert p1.manifest["splits"]["train"]["num_examples"] == 23
   got = pipeline.load_split_arrays(p1.dir, "train", chunk=5)
   for k, v in _arrays().items():
     np.testing.assert_array_equal(got[k], v)

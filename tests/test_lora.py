@@ -260,8 +260,9 @@ def test_target_the_architecture_lacks_is_one_config_error():
   c = recsys.get_config("tiny")
   c.model.update(lora_rank=2, lora_targets="q_proj,in_proj_z")
   mesh = sharding.make_mesh({"data": -1})
-  with pytest.raises(config_lib.ConfigError, match=r"^config.model.lora_targets='q_proj,in_proj_z': "
-                     r"'in_proj_z': this llama model has no such projection \(it has q_proj, .*down_proj\)$"):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^config.model.lora_targets='q_proj,in_proj_z': 'in_proj_z': this "
+                           r"llama model has no such projection \(it has q_proj, .*down_proj\)$"):
     train.build_model(c, 68, mesh, log=lambda _: None)
 
 

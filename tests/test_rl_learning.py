@@ -15,7 +15,6 @@ credit-assignment diagnostics against plain numpy.
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp

@@ -79,7 +79,6 @@ def _worker(out_path: str, arch: str = "llama") -> None:
   from fgrpo_jax import steps as steps_lib
   from fgrpo_jax import rewards as R
   from fgrpo_jax import rollout as rollout_lib
-  from fgrpo_jax.models import llama
   from fgrpo_jax.models.decoders import decoder
 
   warnings.filterwarnings("ignore", message=".*donat.*")  # CPU does not donate buffers

@@ -1,4 +1,5 @@
-"""The embedded synthetic multi-hop QA task (fgrpo_jax/data/synthetic_qa.py, configs/multihop_qa.py)."""
+"""The embedded synthetic multi-hop QA task (fgrpo_jax/data/synthetic_qa.py,
+configs/multihop_qa.py)."""
 
 import os
 import re
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import multihop_qa as qa_config
-from fgrpo_jax import evaluate, train
+from fgrpo_jax import train
 from fgrpo_jax.data import synthetic_qa, tasks, text_prompts
 from fgrpo_jax.errors import UserError
 from test_data_recsys_real import one_training_step
@@ -77,7 +78,6 @@ def test_default_prompts_and_references(tmp_path):
   assert task.info["prompt_len"] <= 220 and task.pool_size == 20
   test = task.splits["test"]
   np.testing.assert_array_equal(test["oracle_scores"], test["relevance"])
-  k, m = c.rollout.slate_size, c.rollout.rank_size
   oracle, refs = train.reference_metrics(task, test, c)
   assert oracle["slate_recall"] == 1.0 and oracle["hit@1"] == 1.0
   assert set(refs) == {"random", "popularity", "bm25"}

@@ -97,7 +97,8 @@ def test_bad_config_is_one_clear_line(tmp_path, override, field):
   proc = _main(str(tmp_path), override)
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-  assert len(lines) == 1 and lines[0].startswith("error: config.") and field in lines[0], proc.stderr
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith("error: config.") and field in lines[0], proc.stderr
 
 
 def test_gold_choices_put_relevant_first():
@@ -106,8 +107,8 @@ def test_gold_choices_put_relevant_first():
   pool_mask = jnp.array([[True] * 6, [True] * 5 + [False]])
   for seed in range(5):
     for order in ("relevant_first", "random"):
-      choices = np.asarray(steps_lib.gold_choices(relevance, pool_mask, jax.random.key(seed), layout,
-                                              order))
+      choices = np.asarray(steps_lib.gold_choices(relevance, pool_mask, jax.random.key(seed),
+                                                  layout, order))
       slate, ranking = choices[:, :4], choices[:, 6:8]
       assert ranking[0, 0] == 2 and list(ranking[1]) == [1, 4]
       assert 2 in slate[0] and {1, 4} <= set(slate[1].tolist()) and 5 not in slate[1]

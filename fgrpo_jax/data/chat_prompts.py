@@ -115,7 +115,8 @@ class ChatPrompts:
     return cls(tokenizer, slate_size=config.rollout.slate_size,
                rank_size=config.rollout.rank_size, max_len=config.prompt.max_len,
                identifiers=parse_identifiers(config.prompt.identifiers),
-               pool_size=config.data.pool_size, system=config.prompt.system, source=source, **kwargs)
+               pool_size=config.data.pool_size, system=config.prompt.system, source=source,
+               **kwargs)
 
   # --------------------------------------------------------------------------
   # Tokenizer checks.

@@ -35,7 +35,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -173,7 +173,8 @@ def _hotpot_example(obj, path, lineno, index, problems, counts) -> QAExample | N
     sup_titles = {str(s[0]) for s in sf}
   except (TypeError, IndexError, KeyError):
     problems(path, lineno, f"{where} (_id {obj.get('_id', '?')}): 'context' must be "
-                           "[[title, [sentences]], ...] and 'supporting_facts' [[title, index], ...]")
+                           "[[title, [sentences]], ...] and 'supporting_facts' "
+                           "[[title, index], ...]")
     return None
   missing = sup_titles - set(titles)
   counts["supporting_titles_not_in_context"] += len(missing)
@@ -215,7 +216,8 @@ def _musique_example(obj, path, lineno, index, problems, counts) -> QAExample | 
                    passages=passages, supporting=supporting)
 
 
-def read_examples(path: str, dataset: str, problems: textio.BadLines, counts: dict) -> list[QAExample]:
+def read_examples(path: str, dataset: str, problems: textio.BadLines,
+                  counts: dict) -> list[QAExample]:
   """All usable examples of one published file."""
   out = []
   if dataset == "musique":

@@ -77,7 +77,8 @@ def settings_from_config(config) -> dict:
   if s["negatives"] not in ("uniform", "popularity"):
     raise UserError(f"config.data.negatives={s['negatives']!r} is unknown (uniform or popularity)")
   if s["dedup"] not in DEDUP:
-    raise UserError(f"config.data.dedup={s['dedup']!r} is unknown (choose one of {', '.join(DEDUP)})")
+    raise UserError(f"config.data.dedup={s['dedup']!r} is unknown "
+                    f"(choose one of {', '.join(DEDUP)})")
   for field in ("history_len", "min_history", "kcore"):
     if int(s[field]) < (1 if field != "kcore" else 0):
       raise UserError(f"config.data.{field}={s[field]} is too small")

@@ -109,7 +109,7 @@ __all__ = [
     "SyntheticRecsysModel",
     "build_synthetic_model",
     "make_synthetic_recsys",
-    "ranking_metrics",
+    "score_ranking_metrics",
     "oracle_expected_hit1",
     "format_summary",
     "TINY_CONFIG",

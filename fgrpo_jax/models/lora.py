@@ -259,7 +259,8 @@ def save_adapters(adapters: Params, lcfg: LoraConfig, directory, base_model: str
   for group, targeted in adapters.items():
     for t, adapter in targeted.items():
       a, b = np.asarray(adapter["lora_a"], np.float32), np.asarray(adapter["lora_b"], np.float32)
-      indices = range(a.shape[0]) if cfg is None and group == "layers" else layer_indices(cfg, group)
+      indices = (range(a.shape[0]) if cfg is None and group == "layers"
+                 else layer_indices(cfg, group))
       for j, i in enumerate(indices):
         name = f"{_PEFT_PREFIX}.{i}.{TARGETS[t]}"
         tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[j].T)  # [r, in]

@@ -245,8 +245,8 @@ def chunked_delta_rule(q, k, v, g, beta, state, chunk: int):
 
   Inside a chunk with in-chunk cumulative log decays c_i, the C state writes are
   folded into one lower-triangular solve (the WY / UT form of the delta rule):
-  (I + A) [U | W] = [beta v | beta k exp(c)] (by `unit_lower_inverse`) with A_ij = beta_i k_i.k_j exp(c_i - c_j)
-  for j < i, so the corrected values are V' = U - W S; then
+  (I + A) [U | W] = [beta v | beta k exp(c)] (by `unit_lower_inverse`) with
+  A_ij = beta_i k_i.k_j exp(c_i - c_j) for j < i, so the corrected values are V' = U - W S; then
   out = (q exp(c)) S + tril(q k^T exp(c_i - c_j)) V' and
   S <- exp(c_C) S + (k exp(c_C - c))^T V'. A sequence is padded to whole chunks with
   g = 0, k = v = 0, which leaves the state unchanged.
