@@ -150,9 +150,7 @@ def init_params(cfg: llama.ModelConfig, seed: int):
 
 def layout(slate: int, rank: int) -> rollout_lib.Layout:
   """Two mid tags (</slate> <rank>) and one end tag (</rank>), as in data/prompts.py."""
-  return rollout_lib.Layout(slate_size=slate, rank_size=rank,
-                            mid_tags=(prompts_lib.SLATE_END, prompts_lib.RANK),
-                            end_tags=(prompts_lib.RANK_END,))
+  return prompts_lib.tag_layout(slate, rank)
 
 
 def make_batch(num_prompts: int, prompt_len: int, pool: int, vocab: int, seed: int,

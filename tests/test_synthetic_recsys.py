@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from fgrpo_jax.data import recsys
 from fgrpo_jax.data import synthetic_recsys as sr
 from fgrpo_jax.errors import UserError
 
@@ -266,7 +267,7 @@ def test_oracle_is_the_generating_distribution(default):
   ex = default.train  # ~52k examples
   s = ex.oracle_scores.astype(np.float64)
   q = s / s.sum(axis=1, keepdims=True)  # P(target = slot | history, pool)
-  hit = sr.score_ranking_metrics(s, ex.relevance, ks=(1,), reduce=False)["hit@1"]
+  hit = recsys.score_ranking_metrics(s, ex.relevance, ks=(1,), reduce=False)["hit@1"]
   p = q.max(axis=1)
   se = math.sqrt(float(np.sum(p * (1 - p)))) / len(ex)
   assert abs(hit.mean() - p.mean()) < 4 * se + 1e-3, (hit.mean(), p.mean(), se)
@@ -286,7 +287,7 @@ def test_oracle_is_the_generating_distribution(default):
 def test_oracle_beats_baselines(default):
   ex = default.train
   scores = default.baseline_scores(ex)
-  hit = {k: sr.score_ranking_metrics(v, ex.relevance, ks=(1,))["hit@1"]
+  hit = {k: recsys.score_ranking_metrics(v, ex.relevance, ks=(1,))["hit@1"]
          for k, v in scores.items()}
   assert hit["oracle"] > hit["popularity"] + 0.2
   assert hit["oracle"] > hit["last_item"] + 0.3
@@ -295,12 +296,12 @@ def test_oracle_beats_baselines(default):
   # On held-out users' last items the oracle also beats the estimated bigram.
   te = default.test
   t_scores = default.baseline_scores(te)
-  t_hit = {k: sr.score_ranking_metrics(v, te.relevance, ks=(1,))["hit@1"]
+  t_hit = {k: recsys.score_ranking_metrics(v, te.relevance, ks=(1,))["hit@1"]
            for k, v in t_scores.items()}
   assert t_hit["oracle"] > t_hit["bigram"] + 0.02
   # Conditioning on more history helps (type inference is part of the task).
   last1 = default.model.oracle_scores(te.history[:, -1:], te.pool)
-  assert t_hit["oracle"] > sr.score_ranking_metrics(last1, te.relevance, ks=(1,))["hit@1"]
+  assert t_hit["oracle"] > recsys.score_ranking_metrics(last1, te.relevance, ks=(1,))["hit@1"]
 
 
 def test_default_summary_has_headroom(default):
@@ -326,14 +327,14 @@ def test_ranking_metrics_ties_and_extremes():
   rel = np.zeros((3, 4), np.float32)
   rel[:, 1] = 1
   const = np.zeros((3, 4))
-  m = sr.score_ranking_metrics(const, rel, ks=(1, 2))
+  m = recsys.score_ranking_metrics(const, rel, ks=(1, 2))
   assert m["hit@1"] == pytest.approx(0.25) and m["hit@2"] == pytest.approx(0.5)
   assert m["ndcg@2"] == pytest.approx(0.25 * (1 + 1 / math.log2(3)))
-  pess = sr.score_ranking_metrics(const, rel, ks=(1, 4), ties="pessimistic")
+  pess = recsys.score_ranking_metrics(const, rel, ks=(1, 4), ties="pessimistic")
   assert pess["hit@1"] == 0.0 and pess["hit@4"] == 1.0
-  perfect = sr.score_ranking_metrics(rel.astype(float), rel, ks=(1, 3))
+  perfect = recsys.score_ranking_metrics(rel.astype(float), rel, ks=(1, 3))
   assert perfect["hit@1"] == 1.0 and perfect["ndcg@3"] == 1.0 and perfect["mrr"] == 1.0
-  worst = sr.score_ranking_metrics(-rel.astype(float), rel, ks=(1, 3))
+  worst = recsys.score_ranking_metrics(-rel.astype(float), rel, ks=(1, 3))
   assert worst["hit@1"] == 0.0 and worst["hit@3"] == 0.0
   assert worst["mrr"] == pytest.approx(0.25)
 
@@ -342,10 +343,10 @@ def test_examples_validation_and_real_data_container():
   h = np.array([[-1, 1, 2]], np.int32)
   pool = np.array([[3, 4]], np.int32)
   rel = np.array([[0, 1]], np.float32)
-  ex = sr.RecsysExamples(history=h, pool=pool, relevance=rel, oracle_scores=None)
+  ex = recsys.RecsysExamples(history=h, pool=pool, relevance=rel, oracle_scores=None)
   assert len(ex) == 1 and ex.target[0] == 4 and ex.take([0]).oracle_scores is None
   with pytest.raises(ValueError):
-    sr.RecsysExamples(history=h, pool=pool, relevance=rel[:, :1], oracle_scores=None)
+    recsys.RecsysExamples(history=h, pool=pool, relevance=rel[:, :1], oracle_scores=None)
 
 
 # -- several graded targets, retrieved pools (issue 14) -------------------------------

@@ -81,3 +81,28 @@ def test_chat_needs_a_tokenizer():
   c.prompt.tokenizer = "/nonexistent/tok"
   with pytest.raises(UserError, match="/nonexistent/tok"):
     tasks.load_task(c)
+
+
+def test_prompt_builders_implement_the_protocol_and_share_the_tags(tmp_path, tokenizer_dir):
+  from fgrpo_jax.data import chat_prompts, prompts, text_prompts
+  text_prompts.build_tokenizer(["the mother of kodamu is lipa ."], str(tmp_path), pool_size=4,
+                               vocab_size=40)
+  builders = [prompts.ItemTokenPrompts(num_items=10),
+              text_prompts.QAPrompts(text_prompts.load_tokenizer(str(tmp_path)), 4, 8, 8),
+              chat_prompts.ChatPrompts(text_prompts.load_tokenizer(tokenizer_dir), slate_size=2,
+                                       rank_size=1, max_len=400, pool_size=4)]
+  for builder in builders:
+    assert isinstance(builder, prompts.PromptBuilder), type(builder).__name__
+    layout = builder.layout(2, 1)  # the chat tags are several text tokens each
+    assert builder.vocab_size > 0 and (layout.slate_size, layout.rank_size) == (2, 1)
+  contexts = {0: np.array([[1, 2]]), 1: ["who is the mother of kodamu ?"], 2: ["history"]}
+  pools = {0: np.array([[3, 4, 5, 6]]), 1: [["the mother", "of", "kodamu", "is lipa"]],
+           2: [["a", "b", "c", "d"]]}
+  for i, builder in enumerate(builders):
+    built = builder.build(contexts[i], pools[i])
+    assert built["cand_tokens"].shape == built["pool_mask"].shape == (1, 4)
+    assert built["prompt"].shape == built["prompt_mask"].shape
+  # One set of tags: the item and word vocabularies put them at the same ids.
+  item, word = prompts.SPECIAL_TOKENS, text_prompts.SPECIAL_TOKENS
+  assert [item[i] for i in (0, 1, 4, 5, 6, 7)] == [word[i] for i in (0, 1, 4, 5, 6, 7)]
+  assert builders[0].layout(3, 2) == builders[1].layout(3, 2)

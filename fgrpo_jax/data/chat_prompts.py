@@ -160,6 +160,10 @@ class ChatPrompts:
     return tuple(sorted(ids))
 
   @property
+  def vocab_size(self) -> int:
+    return len(self.tokenizer)
+
+  @property
   def pad_token(self) -> int:
     t = self.tokenizer
     pad = t.pad_token_id if t.pad_token_id is not None else t.eos_token_id

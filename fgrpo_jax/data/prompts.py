@@ -1,25 +1,63 @@
-"""Item-token prompts: every catalogue item is one token of the model's vocabulary.
+"""Prompt builders: the declared interface, the special tokens, and item-token prompts.
 
-Prompt of one example (left-padded to a fixed length P = 4 + H + C):
+Three builders turn a task's examples into model arrays (data/arrays.py schema):
+`ItemTokenPrompts` here (every catalogue item is one token), `text_prompts.QAPrompts`
+(word-level passage prompts) and `chat_prompts.ChatPrompts` (a Hugging Face chat
+template). Each implements `PromptBuilder`.
+
+Item-token prompt of one example (left-padded to a fixed length P = 4 + H + C):
 
     <pad>… <bos> <hist> h_1 … h_n <pool> c_1 … c_C <slate>
 
 The rollout then writes `s_1 … s_k </slate> <rank> r_1 … r_m </rank>`, each s/r
-being the token of a pool item (`cand_tokens`). Text LLM prompts (identifier
-letters, chat templates) live with the Hugging Face backbones.
+being the token of a pool item (`cand_tokens`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from fgrpo_jax.rollout import Layout
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<hist>", "<pool>", "<slate>", "</slate>", "<rank>",
-                  "</rank>")
-PAD, BOS, HIST, POOL, SLATE, SLATE_END, RANK, RANK_END = range(len(SPECIAL_TOKENS))
+
+@runtime_checkable
+class PromptBuilder(Protocol):
+  """What a task needs of a prompt builder."""
+
+  @property
+  def vocab_size(self) -> int:
+    """Tokens the model must embed."""
+
+  def layout(self, slate_size: int, rank_size: int) -> Layout:
+    """The rollout layout (constrained decoding) for slates of k and rankings of m."""
+
+  def build(self, contexts: Sequence[Any], candidates: Sequence[Any]) -> dict[str, np.ndarray]:
+    """N contexts (histories, questions) and their pools of C candidates -> prompt int32
+    [N, P], prompt_mask bool [N, P], cand_tokens int32 [N, C], pool_mask bool [N, C]."""
+
+
+# The special tokens of the token-id vocabularies (item tokens, word-level QA text): ids
+# 0-7, the same tags at the same ids; ids 2 and 3 mark the two parts of the task's prompt.
+PAD, BOS, SLATE, SLATE_END, RANK, RANK_END = 0, 1, 4, 5, 6, 7
+
+
+def special_tokens(marks: tuple[str, str]) -> tuple[str, ...]:
+  """The 8 special tokens, in id order, of a vocabulary whose prompt marks are `marks`."""
+  return ("<pad>", "<bos>", *marks, "<slate>", "</slate>", "<rank>", "</rank>")
+
+
+def tag_layout(slate_size: int, rank_size: int) -> Layout:
+  """The constrained rollout layout of a token-id vocabulary: `</slate> <rank>` between
+  the slate and the ranking, `</rank>` after it."""
+  return Layout(slate_size=slate_size, rank_size=rank_size, mid_tags=(SLATE_END, RANK),
+                end_tags=(RANK_END,))
+
+
+SPECIAL_TOKENS = special_tokens(("<hist>", "<pool>"))
+HIST, POOL = 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +75,7 @@ class ItemTokenPrompts:
     return self.item_offset + self.num_items
 
   def layout(self, slate_size: int, rank_size: int) -> Layout:
-    return Layout(slate_size=slate_size, rank_size=rank_size,
-                  mid_tags=(SLATE_END, RANK), end_tags=(RANK_END,))
+    return tag_layout(slate_size, rank_size)
 
   def item_tokens(self, items: np.ndarray) -> np.ndarray:
     return np.where(items >= 0, items + self.item_offset, PAD).astype(np.int32)

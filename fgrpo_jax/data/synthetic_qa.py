@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from fgrpo_jax.data import cache as cache_lib
-from fgrpo_jax.data import multihop_qa
+from fgrpo_jax.data import qa
 from fgrpo_jax.errors import UserError
 
 RELATIONS = ("mother", "father", "boss", "friend", "teacher", "rival", "doctor", "neighbor",
@@ -69,7 +69,7 @@ def _fact(r: str, s: str, o: str) -> str:
 
 def make_example(rng: random.Random, names: list[str], relations: list[str],
                  hops: int, pool_size: int, mix: Sequence[float], ident: str
-                 ) -> multihop_qa.QAExample:
+                 ) -> qa.QAExample:
   ne = len(names)
   chain = rng.sample(range(ne), hops + 1)
   path = [rng.choice(relations) for _ in range(hops)]
@@ -120,11 +120,11 @@ def make_example(rng: random.Random, names: list[str], relations: list[str],
   question = " of ".join(reversed(path)) + f" of {names[chain[0]]} ?"
   passages = [_fact(r, names[s], names[o]) for s, r, o in facts]
   supporting = [True] * hops + [False] * (pool_size - hops)
-  return multihop_qa.QAExample(id=ident, question=question, passages=passages,
+  return qa.QAExample(id=ident, question=question, passages=passages,
                                supporting=supporting)
 
 
-def generate(settings: dict, seed: int) -> dict[str, list[multihop_qa.QAExample]]:
+def generate(settings: dict, seed: int) -> dict[str, list[qa.QAExample]]:
   """The three splits of the synthetic task (independent seeded streams)."""
   s = settings
   if not 1 <= s["min_hops"] <= s["max_hops"]:
@@ -172,14 +172,13 @@ def settings_from_config(config) -> dict:
   return s
 
 
-def prepare(config, workdir: str | None = None, log=print) -> multihop_qa.PreparedQA:
+def prepare(config, workdir: str | None = None, log=print) -> qa.PreparedQA:
   """Generates (or reuses) the synthetic QA task of config.data -> PreparedQA."""
   s = settings_from_config(config)
   seed = int(config.seed)
-  qs = multihop_qa.QASettings(pool_size=s["pool_size"], question_len=s["question_len"],
-                              passage_len=s["passage_len"], max_prompt_len=s["max_prompt_len"],
-                              vocab_size=s["vocab_size"],
-                              min_word_frequency=s["min_word_frequency"])
+  qs = qa.QASettings(pool_size=s["pool_size"], question_len=s["question_len"],
+                     passage_len=s["passage_len"], max_prompt_len=s["max_prompt_len"],
+                     vocab_size=s["vocab_size"], min_word_frequency=s["min_word_frequency"])
 
   def build(writer):
     splits = generate(s, seed)
@@ -189,10 +188,9 @@ def prepare(config, workdir: str | None = None, log=print) -> multihop_qa.Prepar
         f"{len(splits['validation'])}, test {len(splits['test'])} questions, "
         f"{s['num_entities']} entities, {s['num_relations']} relations, "
         f"{s['min_hops']}-{s['max_hops']} hops")
-    multihop_qa.write_qa_cache(writer, splits, qs, seed, log, with_oracle=True,
-                               name="synthetic_qa")
+    qa.write_qa_cache(writer, splits, qs, seed, log, with_oracle=True, name="synthetic_qa")
 
   prepared = cache_lib.prepare(cache_lib.cache_root(config, workdir), "synthetic_qa",
                                {"seed": seed, "generator_version": GENERATOR_VERSION,
-                                "prep_version": multihop_qa.PREP_VERSION, **s}, [], build, log)
-  return multihop_qa.load_prepared(prepared, "synthetic_qa")
+                                "prep_version": qa.PREP_VERSION, **s}, [], build, log)
+  return qa.load_prepared(prepared, "synthetic_qa")

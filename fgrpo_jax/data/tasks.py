@@ -127,7 +127,7 @@ def recsys_task(dataset, name: str, cache_dir: str | None = None) -> Task:
 
 
 def qa_task(prepared, name: str) -> Task:
-  """Wraps a prepared passage-pool QA dataset (multihop_qa.PreparedQA) into a Task.
+  """Wraps a prepared passage-pool QA dataset (data.qa.PreparedQA) into a Task.
 
   Prompts are word-level text (text_prompts); references: random, popularity
   (passages that were supporting most often in training), bm25 (over the passage
@@ -190,7 +190,7 @@ def qa_task(prepared, name: str) -> Task:
               stream=_streamer(prepared.dir, builder.model_arrays), texts=qa_texts)
 
 
-def chat_task(task: Task, prompts) -> Task:
+def chat_task(task: Task, prompts: prompts_lib.PromptBuilder) -> Task:
   """The same task with chat-template text prompts (data/chat_prompts.ChatPrompts).
 
   Every split's prompt, prompt_mask and cand_tokens are rebuilt from the examples'
@@ -210,7 +210,7 @@ def chat_task(task: Task, prompts) -> Task:
     splits[split] = out
     task.info[f"{split}_prompts_cut"] = int(built["truncated"].sum())
   info = dict(task.info, prompt="chat", prompt_len=prompts.max_len)
-  return dataclasses.replace(task, splits=splits, vocab_size=len(prompts.tokenizer),
+  return dataclasses.replace(task, splits=splits, vocab_size=prompts.vocab_size,
                              layout_fn=prompts.layout, info=info, stream=None)
 
 

@@ -34,11 +34,13 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from fgrpo_jax.data import arrays as arrays_lib
+from fgrpo_jax.data import prompts as prompts_lib
 from fgrpo_jax.errors import UserError
 from fgrpo_jax.rollout import Layout
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<unk>", "<q>", "<slate>", "</slate>", "<rank>", "</rank>")
-PAD, BOS, UNK, Q, SLATE, SLATE_END, RANK, RANK_END = range(len(SPECIAL_TOKENS))
+SPECIAL_TOKENS = prompts_lib.special_tokens(("<unk>", "<q>"))
+PAD, BOS, SLATE = prompts_lib.PAD, prompts_lib.BOS, prompts_lib.SLATE
+UNK, Q = 2, 3
 SLOT_OFFSET = len(SPECIAL_TOKENS)
 
 
@@ -147,8 +149,7 @@ class QAPrompts:
     return np.arange(SLOT_OFFSET, SLOT_OFFSET + self.pool_size, dtype=np.int32)
 
   def layout(self, slate_size: int, rank_size: int) -> Layout:
-    return Layout(slate_size=slate_size, rank_size=rank_size,
-                  mid_tags=(SLATE_END, RANK), end_tags=(RANK_END,))
+    return prompts_lib.tag_layout(slate_size, rank_size)
 
   def encode(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
     """Token ids of each text (no special tokens), truncated to max_len.
