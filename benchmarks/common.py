@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import platform
@@ -39,8 +38,9 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
   sys.path.insert(0, REPO)
   from fgrpo_jax.models import llama
-from fgrpo_jax.models.decoders import decoder
+from fgrpo_jax import cli
 from fgrpo_jax import rollout as rollout_lib
+from fgrpo_jax.models.decoders import decoder
 from fgrpo_jax.data import prompts as prompts_lib
 
 # Special tokens, as in fgrpo_jax/data/prompts.py; items start after them.
@@ -186,11 +186,7 @@ def make_batch(num_prompts: int, prompt_len: int, pool: int, vocab: int, seed: i
 
 def load_config(name: str = "default"):
   """configs/recsys.py:get_config(name), imported by path (configs/ is no package)."""
-  spec = importlib.util.spec_from_file_location("_fgrpo_recsys_config",
-                                                os.path.join(REPO, "configs", "recsys.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(name)
+  return cli.load_python_file(os.path.join(REPO, "configs", "recsys.py")).get_config(name)
 
 
 # ----------------------------------------------------------------------------

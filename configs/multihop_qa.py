@@ -11,20 +11,18 @@ nothing to download; finishes on a 2-core CPU in under 15 minutes), `tiny`
 datasets read from config.data.path; longer prompts, see docs/datasets.md).
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from fgrpo_jax import cli
 
 
 def _recsys_config():
   """configs/recsys.py's default: the model, RL, optimiser, eval, mesh and compare
   sections are shared, so both tasks take the same fields (and the same defaults)."""
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recsys.py")
-  spec = importlib.util.spec_from_file_location("_fgrpo_recsys_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("default")
+  return cli.load_python_file(path).get_config("default")
 
 
 def get_config(arg=None):

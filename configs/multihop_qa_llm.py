@@ -14,16 +14,14 @@ the 20 passages the candidates (" A" .. " T"); long passages are cut to fit
 `prompt.max_len`. Variants: `default` (TPU), `cpu`, `tiny` (the tests).
 """
 
-import importlib.util
 import os
+
+from fgrpo_jax import cli
 
 
 def _sibling(name):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_fgrpo_{name}_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return cli.load_python_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           f"{name}.py"))
 
 
 def get_config(arg=None):

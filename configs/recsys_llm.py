@@ -21,16 +21,14 @@ fine-tuning in bfloat16), `cpu` (LoRA, short prompts and few steps), `tiny` (the
 MovieLens-100K as RecBole files, read from $FGRPO_ASSETS, default ~/.cache/fgrpo_jax/assets).
 """
 
-import importlib.util
 import os
+
+from fgrpo_jax import cli
 
 
 def _base(name, arg):
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_fgrpo_{name}_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return cli.load_python_file(path).get_config(arg)
 
 
 def llm_settings(c, variant: str):
@@ -67,10 +65,7 @@ def _asset_paths() -> dict:
   """Paths of scripts/fetch_real_assets.py (`make real-assets`), whether fetched or not."""
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                       "fetch_real_assets.py")
-  spec = importlib.util.spec_from_file_location("_fgrpo_fetch_real_assets", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.asset_paths()
+  return cli.load_python_file(path).asset_paths()
 
 
 def smollm2_settings(c):

@@ -53,16 +53,23 @@ def _overrides(argv: list[str], name: str) -> list[tuple[str, str | None]]:
   return out
 
 
+def load_python_file(path: str):
+  """The module of the Python file at `path`, executed afresh (configs/ and scripts/ are
+  files of the checkout, not installed packages)."""
+  name = "_fgrpo_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_config_file(spec: str):
   """ConfigDict of `FILE[:arg]` (get_config(arg)); one UserError line on any failure."""
   path, colon, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise UserError(f"--config={spec}: {path} not found")
-  name = "_fgrpo_config_" + os.path.splitext(os.path.basename(path))[0]
   try:
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_python_file(path)
     config = module.get_config(arg) if colon else module.get_config()
   except Exception as e:  # noqa: BLE001 - any failure of the user's config file: one line
     detail = str(e).strip().splitlines()[0] if str(e).strip() else ""

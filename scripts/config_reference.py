@@ -11,7 +11,6 @@ comment. tests/test_config_reference.py runs the check.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import sys
@@ -22,13 +21,6 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 _FIELD = re.compile(r"^\s*c\.([\w.]+)\s*=\s*.+?\s+#\s*(.+)$")
 
 
-def _load(path):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _value(config, dotted):
   node = config
   for part in dotted.split("."):
@@ -37,7 +29,8 @@ def _value(config, dotted):
 
 
 def config_table(path: str) -> str:
-  module = _load(path)
+  from fgrpo_jax import cli  # main() put the repository on sys.path
+  module = cli.load_python_file(path)
   config = module.get_config()
   rows = []
   seen = set()

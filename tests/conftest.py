@@ -15,7 +15,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -26,10 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_script():
   """load_script("name") -> the module scripts/name.py (scripts are not a package)."""
   def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from fgrpo_jax import cli
+    return cli.load_python_file(os.path.join(REPO, "scripts", f"{name}.py"))
   return load
 
 

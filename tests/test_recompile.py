@@ -9,16 +9,16 @@ the jitted function's own cache size.
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgrpo_jax.data import arrays as arrays_lib
+from fgrpo_jax import cli
 from fgrpo_jax import config as config_lib
 from fgrpo_jax import steps as steps_lib
+from fgrpo_jax.data import arrays as arrays_lib
 from fgrpo_jax.data import tasks
 from fgrpo_jax.models import llama
 
@@ -28,11 +28,7 @@ STEPS = 4
 
 
 def _config(variant: str):
-  spec = importlib.util.spec_from_file_location("_recsys_config_for_tests",
-                                                REPO / "configs" / "recsys.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return cli.load_python_file(str(REPO / "configs" / "recsys.py")).get_config(variant)
 
 
 def test_rl_step_compiles_only_on_the_first_step():
