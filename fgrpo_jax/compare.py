@@ -244,9 +244,8 @@ def plot_curves(histories: dict[str, list[list[dict]]], path: str) -> None:
     ax.grid(alpha=0.3)
   axes[-1].legend(fontsize=8)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  from fgrpo_jax import logs
+  logs.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
   plt.close(fig)
 
 
@@ -327,10 +326,10 @@ def run_compare(config, workdir: str, log=print) -> dict:
   logs.write_json_atomic(os.path.join(workdir, "compare.json"), result)
   table = markdown_table(agg, order, config.compare.seeds)
   val_table = markdown_table(agg, order, config.compare.seeds, keys=VAL_KEYS)
-  with open(os.path.join(workdir, "compare.md.tmp"), "w") as f:
-    f.write(table + "\n\nPaired differences on the test examples:\n\n" + paired_table(paired)
-            + "\n\nValidation (the split settings are chosen on):\n\n" + val_table + "\n")
-  os.replace(os.path.join(workdir, "compare.md.tmp"), os.path.join(workdir, "compare.md"))
+  logs.write_text_atomic(
+      os.path.join(workdir, "compare.md"),
+      table + "\n\nPaired differences on the test examples:\n\n" + paired_table(paired)
+      + "\n\nValidation (the split settings are chosen on):\n\n" + val_table + "\n")
   plot_curves(histories, os.path.join(workdir, "curves.png"))
   log(table)
   log(f"[compare] {time.time() - t0:.0f}s, wrote compare.json, compare.md, curves.png "
