@@ -51,6 +51,13 @@ def config_value(config, field: str):
   return node
 
 
+def set_config_value(config, field: str, value) -> None:
+  """config.<field> = value for a dotted field name (the field must exist)."""
+  parent, _, name = field.rpartition(".")
+  node = config_value(config, parent) if parent else config
+  node[name] = value
+
+
 def main_stage(algorithm: str) -> str:
   """Name of the stage after the SFT warm start: RL, or more SFT for SFT baselines."""
   return "rl" if algorithm in RL_ALGORITHMS else "sft_more"

@@ -34,13 +34,10 @@ RTOL, ATOL = 1e-4, 1e-6  # CPU float32: a moved function gives the same numbers 
 def golden_config():
   sys.path.insert(0, REPO)
   from configs import recsys
+  from fgrpo_jax import config as config_lib
   config = recsys.get_config(CONFIG)
   for field, value in GOLDEN_OVERRIDES.items():
-    node = config
-    *parents, last = field.split(".")
-    for part in parents:
-      node = node[part]
-    node[last] = value
+    config_lib.set_config_value(config, field, value)
   return config
 
 

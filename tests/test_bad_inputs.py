@@ -34,6 +34,7 @@ import pytest
 
 from configs import recsys
 from fgrpo_jax import cli, export, guards, train, workdir_lock
+from fgrpo_jax import config as config_lib
 from fgrpo_jax import steps as steps_lib
 from fgrpo_jax.data import cache, recsys_real, textio
 from fgrpo_jax.errors import UserError
@@ -59,11 +60,7 @@ def tiny(**fields):
 
 def set_fields(c, fields: dict):
   for dotted, value in fields.items():
-    node = c
-    *path, last = dotted.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+    config_lib.set_config_value(c, dotted, value)
   return c
 
 
