@@ -40,8 +40,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
   from fgrpo_jax.models import llama
 from fgrpo_jax import cli
 from fgrpo_jax import rollout as rollout_lib
-from fgrpo_jax.models.decoders import decoder
 from fgrpo_jax.data import prompts as prompts_lib
+from fgrpo_jax.models.decoders import decoder
 
 # Special tokens, as in fgrpo_jax/data/prompts.py; items start after them.
 BOS, HIST, POOL, SLATE = prompts_lib.BOS, prompts_lib.HIST, prompts_lib.POOL, prompts_lib.SLATE

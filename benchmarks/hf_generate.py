@@ -45,8 +45,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
-from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 from common import llama, rollout_lib  # noqa: E402
+from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 
 
 def hf_model(params, cfg: llama.ModelConfig, max_positions: int):

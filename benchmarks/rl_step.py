@@ -38,8 +38,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
-from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 from common import decoder, llama, rollout_lib  # noqa: E402
+from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 from fgrpo_jax import steps as steps_lib  # noqa: E402
 
 

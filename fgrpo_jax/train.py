@@ -30,9 +30,8 @@ from fgrpo_jax import rewards as R
 from fgrpo_jax import sharding
 from fgrpo_jax import steps as steps_lib
 from fgrpo_jax import workdir_lock
-from fgrpo_jax.config import (DECOUPLED, ConfigError, main_stage, model_config,
-                              pretrained_model_config, stage_sizes, make_layout,
-                              validate_config)
+from fgrpo_jax.config import (DECOUPLED, ConfigError, main_stage, make_layout, model_config,
+                              pretrained_model_config, stage_sizes, validate_config)
 from fgrpo_jax.data import arrays as arrays_lib
 from fgrpo_jax.data import tasks as tasks_lib
 from fgrpo_jax.errors import UserError

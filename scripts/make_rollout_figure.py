@@ -20,10 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import recsys  # noqa: E402
+from fgrpo_jax import config as config_lib  # noqa: E402
 from fgrpo_jax import rewards as R  # noqa: E402
 from fgrpo_jax import rollout  # noqa: E402
 from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
-from fgrpo_jax import config as config_lib  # noqa: E402
 from fgrpo_jax.data import prompts, tasks  # noqa: E402
 from fgrpo_jax.models import llama  # noqa: E402
 

@@ -24,12 +24,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fgrpo_jax import compare  # noqa: E402
+from fgrpo_jax import config as config_lib  # noqa: E402
 from fgrpo_jax import evaluate  # noqa: E402
 from fgrpo_jax import rollout  # noqa: E402
+from fgrpo_jax import steps as steps_lib  # noqa: E402
 from fgrpo_jax import train  # noqa: E402
 from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
-from fgrpo_jax import config as config_lib  # noqa: E402
-from fgrpo_jax import steps as steps_lib  # noqa: E402
 from fgrpo_jax.data import tasks  # noqa: E402
 from fgrpo_jax.models import llama  # noqa: E402
 

@@ -21,9 +21,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import multihop_qa  # noqa: E402
-from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 from fgrpo_jax import config as config_lib  # noqa: E402
 from fgrpo_jax import steps as steps_lib  # noqa: E402
+from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 from fgrpo_jax.data import tasks, text_prompts  # noqa: E402
 from fgrpo_jax.models import llama  # noqa: E402
 

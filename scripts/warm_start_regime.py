@@ -20,10 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
+from fgrpo_jax import config as config_lib  # noqa: E402
 from fgrpo_jax import evaluate  # noqa: E402
 from fgrpo_jax import train  # noqa: E402
 from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
-from fgrpo_jax import config as config_lib  # noqa: E402
 from fgrpo_jax.data import tasks  # noqa: E402
 from fgrpo_jax.models import llama  # noqa: E402
 

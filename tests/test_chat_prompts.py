@@ -11,12 +11,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from configs import recsys
+from fgrpo_jax import config as config_lib
 from fgrpo_jax import evaluate as eval_lib
 from fgrpo_jax import objectives
 from fgrpo_jax import parse
 from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout
-from fgrpo_jax import config as config_lib
 from fgrpo_jax import steps as steps_lib
 from fgrpo_jax.data import chat_prompts
 from fgrpo_jax.data.tiny_tokenizer import make_tiny_tokenizer

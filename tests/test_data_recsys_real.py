@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from configs import recsys
-from fgrpo_jax import train
-from fgrpo_jax.data import arrays as arrays_lib
 from fgrpo_jax import config as config_lib
 from fgrpo_jax import steps as steps_lib
+from fgrpo_jax import train
+from fgrpo_jax.data import arrays as arrays_lib
 from fgrpo_jax.data import recsys_real, tasks
 from fgrpo_jax.errors import UserError
 from fgrpo_jax.models import llama

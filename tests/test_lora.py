@@ -15,12 +15,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import recsys
-from fgrpo_jax import export, rollout, sharding, train
 from fgrpo_jax import config as config_lib
+from fgrpo_jax import export, rollout, sharding, train
 from fgrpo_jax import steps as steps_lib
 from fgrpo_jax.models import hf, llama, qwen3_5
-from fgrpo_jax.models import lora
 from fgrpo_jax.models import load_pretrained
+from fgrpo_jax.models import lora
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = llama.ModelConfig(vocab_size=40, num_layers=2, hidden=16, num_heads=4, num_kv_heads=2,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from configs import recsys
+from fgrpo_jax import config as config_lib
 from fgrpo_jax import evaluate, sharding, train
 from fgrpo_jax.data import arrays as arrays_lib
-from fgrpo_jax import config as config_lib
 from fgrpo_jax.data import tasks
 from fgrpo_jax.models import hf
 

@@ -23,13 +23,13 @@ import optax
 import pytest
 
 from configs import recsys
+from fgrpo_jax import config as config_lib
 from fgrpo_jax import objectives
 from fgrpo_jax import parse
 from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout
-from fgrpo_jax import train
-from fgrpo_jax import config as config_lib
 from fgrpo_jax import steps as steps_lib
+from fgrpo_jax import train
 from fgrpo_jax.models import llama
 
 # XLA:CPU fast-compile options: each case compiles its own step (seconds, not ~10 s).

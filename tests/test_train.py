@@ -14,11 +14,11 @@ import optax
 import pytest
 
 from configs import recsys
+from fgrpo_jax import config as config_lib
 from fgrpo_jax import objectives
 from fgrpo_jax import rollout
-from fgrpo_jax.data import arrays as arrays_lib
-from fgrpo_jax import config as config_lib
 from fgrpo_jax import steps as steps_lib
+from fgrpo_jax.data import arrays as arrays_lib
 from fgrpo_jax.models import llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

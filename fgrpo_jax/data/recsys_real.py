@@ -52,10 +52,10 @@ from typing import Callable
 
 import numpy as np
 
-from fgrpo_jax.data.arrays import SPLITS
 from fgrpo_jax.data import cache as cache_lib
 from fgrpo_jax.data import pipeline
 from fgrpo_jax.data import textio
+from fgrpo_jax.data.arrays import SPLITS
 from fgrpo_jax.data.recsys import RecsysDataset, RecsysExamples
 from fgrpo_jax.errors import UserError
 

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fgrpo_jax.data.arrays import SPLITS
 from fgrpo_jax.data import prompts as prompts_lib
+from fgrpo_jax.data.arrays import SPLITS
 from fgrpo_jax.errors import UserError
 
 
