@@ -8,7 +8,11 @@
   (gradient accumulation that gives the full batch's gradient).
 
 Every step takes a TrainState and a batch (data.arrays.BATCH_KEYS, [B, ...]) and returns
-(the next TrainState, metrics: dict of scalars). The loop that calls them is train.py.
+(the next TrainState, metrics: dict of scalars: the loss, grad_norm and update_norm of the
+first optimizer update of the step, param_norm after the last, and the step's own
+diagnostics). The rollout, the reference log-probs and the update run under
+jax.named_scope("rollout" / "reference_logprobs" / "update"), the names a profile
+(config.profile_steps) shows. The loop that calls the steps is train.py.
 """
 
 from __future__ import annotations

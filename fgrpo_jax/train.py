@@ -83,8 +83,6 @@ def build_model(config, vocab_size: int, mesh, log=print):
   return cfg, adapters, lora_lib.Frozen(base, lcfg.scale)
 
 
-
-
 def _stage_step(stage: str, config, cfg, layout, optimizer):
   """(jitted step, its static kwargs, whether it takes ref_params, log keys) of a stage."""
   alg = config.algorithm
@@ -259,7 +257,7 @@ def _train_stream(task, config, stage: str, stage_id: int, batch_size: int, star
                   workdir: str, log):
   """config.data.loader="grain": this host's iterator over the training split, positioned
   at step `start` (from its saved state, else by replaying `start` batches). None for
-  the in-memory loader. run() has checked that the task can stream."""
+  the in-memory loader. validate_config has checked that the task can stream."""
   if config.data.get("loader", "memory") != "grain":
     return None
   stream = task.stream("train", batch_size // jax.process_count(),

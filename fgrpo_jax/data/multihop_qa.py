@@ -240,7 +240,6 @@ def dataset_files(dataset: str, path: str) -> tuple[str, str]:
   return pick(train_names), pick(test_names)
 
 
-
 def qa_settings(config) -> tuple[dict, QASettings]:
   d = config.data
   raw = {k: d.get(k, v) for k, v in DEFAULTS.items()}

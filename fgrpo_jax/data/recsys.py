@@ -100,7 +100,6 @@ class RecsysExamples:
     )
 
 
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class RecsysDataset:
   """Train/validation/test splits plus catalogue metadata.

@@ -21,7 +21,6 @@ from fgrpo_jax.data.arrays import SPLITS
 from fgrpo_jax.errors import UserError
 
 
-
 @dataclasses.dataclass
 class Task:
   """A dataset ready for the model.
