@@ -135,6 +135,74 @@ def test_prompt_too_long_and_bad_identifiers_are_one_clear_error(tokenizer, tok_
   assert chat_prompts.parse_identifiers("letters")[:3] == ("A", "B", "C")
 
 
+def _reference_prompt_ids(tokenizer, system, label, context, cands, max_len):
+  """The prompt of one example by the definition, one tokenizer call at a time: the
+  template applied to the message, and when too long the largest common budget b of
+  candidate tokens (scanning b = 0, 1, ...) whose prompt fits."""
+  def render(texts):
+    pool = "\n".join(f"- {n}: {c}" for n, c in zip("ABCDEFGH", texts))
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": f"{label}:\n{context}\n\nCandidates:\n{pool}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=True) + "<slate>"
+  whole = _ids(tokenizer, render(cands))
+  if len(whole) <= max_len:
+    return whole, False
+  pieces = [_ids(tokenizer, c) for c in cands]
+  cut = lambda p, b: tokenizer.decode(p[:b]).replace("\ufffd", "").strip()
+  best = None
+  for b in range(max(len(p) for p in pieces) + 1):
+    trial = _ids(tokenizer, render([cut(p, b) for p in pieces]))
+    if len(trial) > max_len:
+      break
+    best = trial
+  return best, True
+
+
+@pytest.mark.parametrize("template", ["verbatim", "trims"])
+def test_build_matches_the_one_example_at_a_time_definition(tokenizer, tok_dir, template):
+  """build() renders by concatenation when the template copies the message verbatim,
+  tokenizes all prompts in one call and runs the cut searches in lockstep; on a mix of
+  prompts that fit and prompts cut to different budgets it must give exactly the
+  prompts of the plain definition, also for a template that rewrites the message."""
+  tok = tokenizer
+  if template == "trims":  # a template that changes the content: no concatenation
+    tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    tok.chat_template = tok.chat_template.replace("message['content']",
+                                                  "message['content'] | trim")
+  rng = np.random.default_rng(0)
+  words = "the red king sea song queen war great love city road blue old home".split()
+  contexts, cands = [], []
+  for i in range(12):
+    contexts.append(" ".join(rng.choice(words, 3 + i % 4)))
+    cands.append([" ".join(rng.choice(words, int(rng.integers(1, 3 + 3 * (i % 3)))))
+                  for _ in range(4 + i % 2)])
+  max_len = 100
+  builder = chat_prompts.ChatPrompts(tok, slate_size=2, rank_size=1, max_len=max_len,
+                                     pool_size=5, system="Pick.", context_label="History",
+                                     source=tok_dir)
+  assert (builder._frame is not None) == (template == "verbatim")
+  arrays = builder.build(contexts, cands)
+  expected = [_reference_prompt_ids(tok, "Pick.", "History", c, p, max_len)
+              for c, p in zip(contexts, cands)]
+  cut = [e[1] for e in expected]
+  assert 0 < sum(cut) < len(cut)  # the mix this test is about
+  assert arrays["truncated"].tolist() == cut
+  for i, (ids, _) in enumerate(expected):
+    assert arrays["prompt"][i][arrays["prompt_mask"][i]].tolist() == ids, i
+
+
+def test_eval_mode_renders_no_training_prompts(tok_dir):
+  from fgrpo_jax.data import tasks
+  config = recsys.get_config("tiny")
+  config.prompt.update(format="chat", tokenizer=tok_dir, max_len=512)
+  config.mode = "eval"
+  task = tasks.load_task(config, None, log=lambda *_: None)
+  assert set(task.splits) == {"validation", "test"}
+  config.mode = "train"
+  assert set(tasks.load_task(config, None, log=lambda *_: None).splits) == set(tasks.SPLITS)
+
+
 def test_layout_uses_the_tokenizers_tag_splits(prompts, tokenizer):
   head = _ids(tokenizer, "<slate> A")
   assert prompts.mid_tags == tuple(_ids(tokenizer, "<slate> A</slate><rank>")[len(head):])

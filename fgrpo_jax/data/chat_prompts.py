@@ -81,6 +81,8 @@ class ChatPrompts:
   apply_chat_template (e.g. enable_thinking=False).
   """
 
+  RENDER_CHUNK = 2048  # examples tokenized per batched tokenizer call in build()
+
   def __init__(self, tokenizer, *, slate_size: int, rank_size: int, max_len: int,
                identifiers: Sequence[str] = LETTERS, pool_size: int | None = None,
                system: str | None = "",
@@ -104,6 +106,7 @@ class ChatPrompts:
     self.end_tags = self._tokens_in_context(SLATE_OPEN + first + MID_TAGS + first, END_TAGS,
                                             "tag")
     self.stop_tokens = self._stop_tokens()
+    self._frame = self._template_frame()
     clash = set(self.id_tokens) & set(self.mid_tags + self.end_tags + self.stop_tokens)
     if clash:
       raise UserError(f"{self.source}: identifier tokens {sorted(clash)} also occur in the "
@@ -182,16 +185,45 @@ class ChatPrompts:
   # --------------------------------------------------------------------------
   # Rendering and tokenizing.
 
+  def _messages(self, user: str) -> list[dict]:
+    messages = [{"role": "user", "content": user}]
+    if self.system is not None:
+      messages.insert(0, {"role": "system", "content": self.system})
+    return messages
+
+  def _apply_template(self, user: str) -> str:
+    return self.tokenizer.apply_chat_template(self._messages(user), tokenize=False,
+                                              add_generation_prompt=True, **self.template_kwargs)
+
+  def _template_frame(self) -> tuple[str, str] | None:
+    """(text before, text after) the user message when the chat template copies it
+    verbatim, so that rendering is a string concatenation; None when it does not (a
+    template that trims or escapes the content) and every prompt is rendered by the
+    template itself. Checked on two probes of different lengths and characters."""
+    # Whitespace at both ends: a template that trims the message fails the check.
+    probes = ("\u2063probe\u2063", " \n\u2063A longer probe:\n\n- A: x y\u2063\n ")
+    frames = set()
+    for probe in probes:
+      text = self._apply_template(probe)
+      if text.count(probe) != 1:
+        return None
+      before, after = text.split(probe)
+      frames.add((before, after))
+    return frames.pop() if len(frames) == 1 else None
+
   def render(self, context: str, candidates: Sequence[str]) -> str:
     """The prompt text of one example, ending with the slate opening tag."""
     pool = "\n".join(f"-{ID_PREFIX}{n}: {c}" for n, c in zip(self.names, candidates))
     user = (f"{self.context_label}:\n{context}\n\n{self.candidate_label}:\n{pool}")
-    messages = [{"role": "user", "content": user}]
-    if self.system is not None:
-      messages.insert(0, {"role": "system", "content": self.system})
-    text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                              add_generation_prompt=True, **self.template_kwargs)
-    return text + SLATE_OPEN
+    if self._frame is not None:
+      return self._frame[0] + user + self._frame[1] + SLATE_OPEN
+    return self._apply_template(user) + SLATE_OPEN
+
+  def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of many texts in one tokenizer call (a fast tokenizer batches them)."""
+    if not texts:
+      return []
+    return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
   def _cut(self, ids: list[int], budget: int) -> str:
     return self.tokenizer.decode(ids[:budget]).replace("\ufffd", "").strip()
@@ -202,24 +234,52 @@ class ChatPrompts:
     The cut keeps the first `b` tokens of every candidate text, for the largest b
     whose prompt fits (binary search over b on the rendered prompt's real length).
     """
-    ids = self.encode(self.render(context, candidates))
-    if len(ids) <= self.max_len:
-      return ids, False
-    pieces = [self.encode(c) for c in candidates]
-    fits = lambda b: self.encode(self.render(context, [self._cut(p, b) for p in pieces]))
-    empty = fits(0)
-    if len(empty) > self.max_len:
-      raise UserError(f"example {row}: the prompt needs {len(empty)} tokens even with empty "
-                      f"candidate texts, more than config.prompt.max_len={self.max_len}")
-    lo, hi, best = 0, max(len(p) for p in pieces), empty
-    while lo < hi:  # largest budget that fits; lo always fits
-      mid = (lo + hi + 1) // 2
-      trial = fits(mid)
-      if len(trial) <= self.max_len:
-        lo, best = mid, trial
-      else:
-        hi = mid - 1
-    return best, True
+    ids, cut = self._prompt_ids_many([context], [list(candidates)], first_row=row)
+    return ids[0], bool(cut[0])
+
+  def _prompt_ids_many(self, contexts, candidates, first_row: int = 0):
+    """prompt_ids of many examples: the whole prompts are tokenized in one call, and the
+    binary searches of the prompts that need cutting advance in lockstep (one tokenizer
+    call per search step for all of them). Candidate texts repeat across examples (an
+    item title appears in many pools), so their tokens and cuts are computed once."""
+    ids = self.encode_many([self.render(c, p) for c, p in zip(contexts, candidates)])
+    cut = [False] * len(ids)
+    long_rows = [i for i, x in enumerate(ids) if len(x) > self.max_len]
+    if not long_rows:
+      return ids, cut
+    texts = sorted({t for i in long_rows for t in candidates[i]})
+    pieces = dict(zip(texts, self.encode_many(texts)))
+    cuts = {}
+
+    def cut_text(text, b):
+      if (text, b) not in cuts:
+        cuts[text, b] = self._cut(pieces[text], b)
+      return cuts[text, b]
+
+    def trials(rows, budgets):
+      return self.encode_many([self.render(contexts[i], [cut_text(t, b) for t in candidates[i]])
+                               for i, b in zip(rows, budgets)])
+
+    for i, empty in zip(long_rows, trials(long_rows, [0] * len(long_rows))):
+      if len(empty) > self.max_len:
+        raise UserError(f"example {first_row + i}: the prompt needs {len(empty)} tokens even "
+                        f"with empty candidate texts, more than config.prompt.max_len="
+                        f"{self.max_len}")
+      ids[i], cut[i] = empty, True
+    # Largest budget that fits, per row; lo always fits (ids[i] holds its prompt).
+    lo = {i: 0 for i in long_rows}
+    hi = {i: max(len(pieces[t]) for t in candidates[i]) if candidates[i] else 0
+          for i in long_rows}
+    while True:
+      rows = [i for i in long_rows if lo[i] < hi[i]]
+      if not rows:
+        return ids, cut
+      mids = [(lo[i] + hi[i] + 1) // 2 for i in rows]
+      for i, mid, trial in zip(rows, mids, trials(rows, mids)):
+        if len(trial) <= self.max_len:
+          lo[i], ids[i] = mid, trial
+        else:
+          hi[i] = mid - 1
 
   def build(self, contexts: Sequence[str], candidates: Sequence[Sequence[str]],
             pool_size: int | None = None) -> dict[str, np.ndarray]:
@@ -243,10 +303,19 @@ class ChatPrompts:
     prompt_mask = np.zeros((N, P), bool)
     pool_mask = np.zeros((N, C), bool)
     truncated = np.zeros(N, bool)
-    for i, (context, cands) in enumerate(zip(contexts, candidates)):
+    for i, cands in enumerate(candidates):
       if len(cands) > C:
         raise UserError(f"example {i}: {len(cands)} candidates, more than the pool size {C}")
-      ids, truncated[i] = self.prompt_ids(context, list(cands), row=i)
+    all_ids, all_cut = [], []
+    for start in range(0, N, self.RENDER_CHUNK):  # bounded memory for the batched calls
+      stop = min(N, start + self.RENDER_CHUNK)
+      chunk_ids, chunk_cut = self._prompt_ids_many(
+          list(contexts[start:stop]), [list(c) for c in candidates[start:stop]],
+          first_row=start)
+      all_ids += chunk_ids
+      all_cut += chunk_cut
+    for i, (ids, cands) in enumerate(zip(all_ids, candidates)):
+      truncated[i] = all_cut[i]
       prompt[i, P - len(ids):] = ids
       prompt_mask[i, P - len(ids):] = True
       pool_mask[i, :len(cands)] = True

@@ -189,27 +189,30 @@ def qa_task(prepared, name: str) -> Task:
               stream=_streamer(prepared.dir, builder.model_arrays), texts=qa_texts)
 
 
-def chat_task(task: Task, prompts: prompts_lib.PromptBuilder) -> Task:
+def chat_task(task: Task, prompts: prompts_lib.PromptBuilder, splits=SPLITS) -> Task:
   """The same task with chat-template text prompts (data/chat_prompts.ChatPrompts).
 
-  Every split's prompt, prompt_mask and cand_tokens are rebuilt from the examples'
-  texts; relevance, pools and references are unchanged, and the vocabulary and the
+  The prompt, prompt_mask and cand_tokens of each split in `splits` are rebuilt from
+  the examples' texts (the other splits are dropped: an evaluation renders no training
+  prompts); relevance, pools and references are unchanged, and the vocabulary and the
   layout become the tokenizer's. Streaming (config.data.loader=grain) is not offered:
   prompts are built in memory.
   """
   if task.texts is None:
     raise UserError(f"{task.dataset} has no text form for chat prompts")
-  splits = {}
+  rendered = {}
   for split, arrays in task.splits.items():
+    if split not in splits:
+      continue
     contexts, candidates = task.texts(arrays)
     built = prompts.build(contexts, candidates, pool_size=task.pool_size)
     out = dict(arrays)
     out.update(prompt=built["prompt"], prompt_mask=built["prompt_mask"],
                cand_tokens=built["cand_tokens"], pool_mask=built["pool_mask"] & arrays["pool_mask"])
-    splits[split] = out
+    rendered[split] = out
     task.info[f"{split}_prompts_cut"] = int(built["truncated"].sum())
   info = dict(task.info, prompt="chat", prompt_len=prompts.max_len)
-  return dataclasses.replace(task, splits=splits, vocab_size=prompts.vocab_size,
+  return dataclasses.replace(task, splits=rendered, vocab_size=prompts.vocab_size,
                              layout_fn=prompts.layout, info=info, stream=None)
 
 
@@ -238,7 +241,9 @@ def maybe_chat(task: Task, config) -> Task:
   prompts = chat_prompts.ChatPrompts.from_config(tokenizer, config, source=directory,
                                                  context_label=label,
                                                  candidate_label=candidates)
-  return chat_task(task, prompts)
+  # An evaluation (config.mode=eval) reads validation and test only.
+  splits = ("validation", "test") if config.get("mode", "train") == "eval" else SPLITS
+  return chat_task(task, prompts, splits)
 
 
 REAL_RECSYS = ("movielens", "lastfm", "amazon", "recbole")  # = recsys_real.DATASETS
