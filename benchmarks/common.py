@@ -100,6 +100,52 @@ def add_workload_flags(p: argparse.ArgumentParser, repeats: int = 10) -> None:
   g.add_argument("--json", action="store_true", help="print exactly one JSON line")
 
 
+def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+  """--hf-checkpoint: a real model and real chat prompts instead of the random workload."""
+  g = p.add_argument_group("real checkpoint (replaces the random model and prompts)")
+  g.add_argument("--hf-checkpoint", default="",
+                 help="a local HF checkpoint directory or .gguf file (e.g. the SmolLM2 of "
+                      "`make real-assets`): its weights, and chat prompts rendered with its "
+                      "tokenizer from the first --prompts test examples of --task-config; "
+                      "the model-size, --prompt-len, --pool, --slate and --rank flags are "
+                      "then taken from the checkpoint and the task")
+  g.add_argument("--task-config", default="configs/recsys_llm.py:smollm2_cpu",
+                 help="config (file[:variant]) whose test split gives the chat prompts")
+
+
+def checkpoint_workload(a):
+  """(cfg, params, layout, numpy batch) of --hf-checkpoint on the chat prompts of the first
+  --prompts test examples of --task-config (left-padded to its prompt.max_len).
+
+  Overwrites a's model and workload fields with the real ones, so that the header and
+  the JSON describe what ran: prompt_len = P, pool = C, slate/rank = the config's k, m.
+  """
+  import tempfile
+  from fgrpo_jax import config as config_lib
+  from fgrpo_jax.data import arrays as arrays_lib
+  from fgrpo_jax.data import tasks
+  from fgrpo_jax.models import hf
+  config = cli.load_config_file(a.task_config)
+  config.model.hf_checkpoint = os.path.expanduser(a.hf_checkpoint)
+  config.mode = "eval"  # renders the validation and test prompts only
+  with tempfile.TemporaryDirectory() as tmp:
+    task = tasks.load_task(config, tmp, log=lambda *_: None)
+  cfg, params = hf.load_config_and_params(config.model.hf_checkpoint)
+  lay = config_lib.make_layout(task, config)
+  test = task.splits["test"]
+  if a.prompts > test["prompt"].shape[0]:
+    raise SystemExit(f"--prompts {a.prompts}: the test split of {a.task_config} has only "
+                     f"{test['prompt'].shape[0]} examples")
+  batch = arrays_lib.host_batch(test, slice(0, a.prompts))
+  a.layers, a.hidden, a.heads, a.kv_heads = (cfg.num_layers, cfg.hidden, cfg.num_heads,
+                                             cfg.num_kv_heads)
+  a.head_dim, a.mlp, a.vocab = cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size
+  a.prompt_len, a.pool = batch["prompt"].shape[1], batch["cand_tokens"].shape[1]
+  a.slate, a.rank = lay.slate_size, lay.rank_size
+  a.prompt_tokens = int(batch["prompt_mask"].sum(1).mean())
+  return cfg, params, lay, batch
+
+
 def check_workload(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
   """parser.error (exit 2, one line) on an impossible workload."""
   positive = ("layers", "hidden", "heads", "kv_heads", "head_dim", "mlp", "vocab", "prompts",
@@ -400,6 +446,9 @@ def workload_dict(a) -> dict[str, Any]:
   out["arch"] = getattr(a, "arch", "llama")
   if out["arch"] == "qwen3_5":
     out.update({k: getattr(a, k) for k in QWEN3_5_DEFAULTS})
+  if getattr(a, "hf_checkpoint", ""):
+    out.update(hf_checkpoint=a.hf_checkpoint, task_config=a.task_config,
+               prompt_tokens=a.prompt_tokens)
   return out
 
 
@@ -413,8 +462,11 @@ def header(title: str, m: dict[str, Any], a=None) -> str:
     arch = ("" if getattr(a, "arch", "llama") == "llama" else
             f"qwen3_5 (DeltaNet Hk={a.linear_key_heads} Hv={a.linear_value_heads} "
             f"Dk=Dv={a.linear_head_dim} chunk={a.chunk_size}; every 4th layer attention) ")
+    weights = (f"float32, {a.hf_checkpoint}; chat prompts of {a.task_config}, "
+               f"{a.prompt_tokens} tokens on average, left-padded"
+               if getattr(a, "hf_checkpoint", "") else "float32, random weights")
     lines.append(f"model: {arch}L={a.layers} hidden={a.hidden} H={a.heads} K={a.kv_heads} "
-                 f"D={a.head_dim} F={a.mlp} V={a.vocab} (float32, random weights) | "
+                 f"D={a.head_dim} F={a.mlp} V={a.vocab} ({weights}) | "
                  f"workload: B={a.prompts} G={a.group} P={a.prompt_len} C={a.pool} "
                  f"k={a.slate} m={a.rank} | median of {a.repeats} after warm-up")
   return "\n".join(lines)

@@ -24,6 +24,9 @@ a machine shared with other jobs) and the ratio ours / HF.
     pip install torch==2.13.0    # CPU build; only for this script, not a requirement
     python benchmarks/hf_generate.py
     python benchmarks/hf_generate.py --json
+    python benchmarks/hf_generate.py --hf-checkpoint ~/.cache/fgrpo_jax/assets/smollm2-hf
+        # SmolLM2-135M-Instruct on both sides (each loads the same files), chat prompts of
+        # MovieLens-100K test users; also times each side's prefill alone
 
 Without an importable torch it prints why and exits 0.
 """
@@ -87,10 +90,14 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   common.add_workload_flags(p, repeats=5)
+  common.add_checkpoint_flags(p)
   a = p.parse_args(argv)
   common.check_workload(p, a)
   if a.arch != "llama":
     p.error("--arch: hf_generate.py compares the Llama model only (LlamaForCausalLM)")
+  if a.hf_checkpoint and not os.path.isdir(os.path.expanduser(a.hf_checkpoint)):
+    p.error("--hf-checkpoint: give the converted HF directory (transformers loads it; "
+            "`make real-assets` writes one), not a .gguf file")
   try:
     import torch
     import transformers
@@ -101,22 +108,34 @@ def main(argv=None) -> int:
     return 0
 
   m = common.meta(extra_versions=("torch", "transformers"))
-  cfg = common.model_config(a)
-  lay = common.layout(a.slate, a.rank)
+  if a.hf_checkpoint:  # the real model on both sides, loaded by each from the same files
+    cfg, params, lay, np_batch = common.checkpoint_workload(a)
+    np_batch = arrays_lib.model_inputs(np_batch)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.expanduser(a.hf_checkpoint), dtype=torch.float32, local_files_only=True).eval()
+    tolerance = 2e-3  # a 30-layer model: float32 sums in a different order
+  else:
+    cfg = common.model_config(a)
+    lay = common.layout(a.slate, a.rank)
+    params = llama.init_params(cfg, jax.random.key(a.seed))
+    np_batch = arrays_lib.model_inputs(common.make_batch(a.prompts, a.prompt_len, a.pool,
+                                                         a.vocab, a.seed))
+    model = hf_model(params, cfg, a.prompt_len + lay.length)
+    tolerance = 1e-3
   B, G, P, T = a.prompts, a.group, a.prompt_len, lay.length
-  params = llama.init_params(cfg, jax.random.key(a.seed))
-  np_batch = arrays_lib.model_inputs(common.make_batch(B, P, a.pool, a.vocab, a.seed))
   batch = arrays_lib.device_batch(np_batch)
-  model = hf_model(params, cfg, P + T)
 
-  # Same model: logits of the prompts' last position.
+  # Same model: logits of the prompts' last position (left padding: positions count the
+  # real tokens only, as generate() does).
   ours_first, _ = llama.prefill(params, batch["prompt"], cfg, batch["prompt_mask"])
   input_ids = torch.from_numpy(np_batch["prompt"].astype(np.int64))
-  attention_mask = torch.ones_like(input_ids)
+  attention_mask = torch.from_numpy(np_batch["prompt_mask"].astype(np.int64))
+  position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
   with torch.inference_mode():
-    hf_first = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]
+    hf_first = model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids).logits[:, -1]
   logit_diff = float(np.abs(np.asarray(ours_first) - hf_first.numpy()).max())
-  if logit_diff > 1e-3:
+  if logit_diff > tolerance:
     raise RuntimeError(f"our model and the HF copy disagree: max |logit diff| {logit_diff}")
 
   # Ours and HF, timed in alternation (fair on a machine shared with other jobs).
@@ -130,6 +149,22 @@ def main(argv=None) -> int:
   def ours_call():
     return rollout_lib.sample(params, batch, key, cfg=cfg, layout=lay, group_size=G)
 
+  # The prefill alone on each side (ours: B prompts once; HF: the B*G repeated prompts
+  # generate() prefills), for the prefill / decode split of a call.
+  ours_prefill = jax.jit(lambda p, t, msk, c: llama.prefill(p, t, cfg, msk, columns=c))
+  repeated = {"input_ids": input_ids.repeat_interleave(G, 0),
+              "attention_mask": attention_mask.repeat_interleave(G, 0)}
+
+  def ours_prefill_call():
+    return ours_prefill(params, batch["prompt"], batch["prompt_mask"], batch["cand_tokens"])
+
+  def hf_prefill_call(threads):
+    def call():
+      torch.set_num_threads(threads)
+      with torch.inference_mode():
+        return model(**repeated, use_cache=True).logits[:, -1]
+    return call
+
   default_threads = torch.get_num_threads()
   thread_options = [default_threads] + ([1] if default_threads > 1 else [])
 
@@ -142,6 +177,9 @@ def main(argv=None) -> int:
     return call
 
   fns = {"ours": ours_call, **{f"hf{n}": hf_call(n) for n in thread_options}}
+  if a.hf_checkpoint:
+    fns.update(ours_prefill=ours_prefill_call,
+               **{f"hf_prefill{n}": hf_prefill_call(n) for n in thread_options})
   ts = common.time_interleaved(fns, a.repeats)
   torch.set_num_threads(default_threads)
   ours = ts["ours"]
@@ -172,6 +210,12 @@ def main(argv=None) -> int:
       "workload": common.workload_dict(a), "repeats": a.repeats,
       "num_params": llama.count_params(params),
   }
+  if a.hf_checkpoint:
+    pre_ours, pre_hf = ts["ours_prefill"].median_s, ts[f"hf_prefill{best_threads}"].median_s
+    res["split"] = {"ours_prefill_s": pre_ours, "ours_decode_s": ours.median_s - pre_ours,
+                    "hf_prefill_s": pre_hf, "hf_decode_s": hf_s - pre_hf,
+                    "prefill_ratio": pre_hf / pre_ours,
+                    "decode_ratio": (hf_s - pre_hf) / (ours.median_s - pre_ours)}
   res.update(common.memory_stats())
   if a.json:
     common.print_json(res)
@@ -191,6 +235,13 @@ def main(argv=None) -> int:
                       "ms/call (best)", "first call s"], rows, "Sampling throughput"))
   print(f"\nours / HF tokens per second (HF at its faster thread setting, {best_threads}): "
         f"{res['ratio']:.2f}x median, {res['ratio_best']:.2f}x best (timed in alternation)")
+  if "split" in res:
+    sp = res["split"]
+    print(f"prefill (timed alone): ours {sp['ours_prefill_s'] * 1e3:.0f} ms (B={B} prompts), "
+          f"HF {sp['hf_prefill_s'] * 1e3:.0f} ms (B*G={B * G} repeated prompts), "
+          f"{sp['prefill_ratio']:.2f}x; decode (the rest of a call): ours "
+          f"{sp['ours_decode_s'] * 1e3:.0f} ms, HF {sp['hf_decode_s'] * 1e3:.0f} ms, "
+          f"{sp['decode_ratio']:.2f}x")
   return 0
 
 

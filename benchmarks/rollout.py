@@ -125,8 +125,13 @@ def _result(t: "common.Timing", flops: float, B: int, G: int, T: int) -> dict:
           "flops_per_rollout": flops, "flops_per_s": flops / t.median_s, "layout_length": T}
 
 
-def _setup(a, params=None):
-  """Config, layout, params, batch and key of one rollout configuration."""
+def _setup(a, params=None, real=None):
+  """Config, layout, params, batch and key of one rollout configuration (real: the
+  (cfg, params, layout, batch) of common.checkpoint_workload)."""
+  if real is not None:
+    cfg, params, lay, np_batch = real
+    return cfg, lay, params, arrays_lib.device_batch(arrays_lib.model_inputs(np_batch)), \
+        jax.random.key(a.seed + 1)
   cfg = common.model_config(a)
   lay = common.layout(a.slate, a.rank)
   if params is None:
@@ -136,14 +141,25 @@ def _setup(a, params=None):
   return cfg, lay, params, batch, jax.random.key(a.seed + 1)
 
 
-def measure(a, repeats: int, naive: bool = False, params=None) -> dict[str, dict]:
+def prefill_call(params, batch, cfg):
+  """The shared prefill alone (the first part of rollout.sample): B prompts once."""
+  f = jax.jit(lambda p, tokens, mask, columns: decoder(cfg).prefill(p, tokens, cfg, mask,
+                                                                     columns=columns))
+  return lambda: f(params, batch["prompt"], batch["prompt_mask"], batch["cand_tokens"])
+
+
+def measure(a, repeats: int, naive: bool = False, params=None, real=None,
+            split: bool = False) -> dict[str, dict]:
   """Times one rollout configuration: {"shared": result} (+ "naive", timed in
-  alternation with it). Each result: throughput, seconds, FLOPs, compile time."""
-  cfg, lay, params, batch, key = _setup(a, params)
+  alternation with it; + "prefill", the prefill alone, with split=True). Each result:
+  throughput, seconds, FLOPs, compile time."""
+  cfg, lay, params, batch, key = _setup(a, params, real)
   B, G, P, T, C = a.prompts, a.group, a.prompt_len, lay.length, a.pool
   fns = {"shared": shared_sampler(params, batch, key, cfg, lay, G)}
   if naive:
     fns["naive"] = naive_sampler(params, batch, key, cfg, lay, G)
+  if split:
+    fns["prefill"] = prefill_call(params, batch, cfg)
   ts = common.time_interleaved(fns, repeats)
   flops = lambda shared: common.rollout_flops(cfg, B, G, P, T, shared=shared, columns=C)
   out = {"shared": _result(ts["shared"], flops(True), B, G, T)}
@@ -153,6 +169,12 @@ def measure(a, repeats: int, naive: bool = False, params=None) -> dict[str, dict
     # (up to float rounding flipping a near-tie).
     out["naive"]["same_tokens_frac"] = float(jnp.mean(ts["naive"].result[0]
                                                       == ts["shared"].result.tokens))
+  if split:  # decode = the rest of the rollout: T-1 steps of B*G sequences
+    pre = ts["prefill"]
+    out["split"] = {"prefill_s": pre.median_s, "decode_s": ts["shared"].median_s - pre.median_s,
+                    "prefill_prompt_tokens_per_s": B * P / pre.median_s,
+                    "decode_tokens_per_s": B * G * (T - 1) / (ts["shared"].median_s
+                                                              - pre.median_s)}
   return out
 
 
@@ -241,8 +263,12 @@ def main(argv=None) -> int:
                  help="comma-separated values replacing the default points of a single --sweep")
   p.add_argument("--sweep-repeats", type=int, default=5,
                  help="timed calls per sweep point (the points of a sweep alternate)")
+  common.add_checkpoint_flags(p)
   a = p.parse_args(argv)
   common.check_workload(p, a)
+  if a.hf_checkpoint and (a.sweep or a.naive_prefill):
+    p.error("--hf-checkpoint times the rollout on the real prompts only (no --sweep, "
+            "--naive-prefill)")
   sweeps = list(SWEEPS) if "all" in a.sweep else list(dict.fromkeys(a.sweep))
   values = None
   if a.sweep_values:
@@ -257,13 +283,18 @@ def main(argv=None) -> int:
 
   m = common.meta()
   peak_before = common.matmul_peak(a.peak_size)
-  cfg = common.model_config(a)
-  params = common.init_params(cfg, a.seed)
-  res = measure(a, a.repeats, naive=a.naive_prefill, params=params)
+  real = common.checkpoint_workload(a) if a.hf_checkpoint else None
+  if real is None:
+    params = common.init_params(common.model_config(a), a.seed)
+  else:
+    params = real[1]
+  res = measure(a, a.repeats, naive=a.naive_prefill, params=params, real=real,
+                split=bool(a.hf_checkpoint))
   shared = res["shared"]
   swept = {name: sweep(a, name, a.sweep_repeats, values) for name in sweeps}
   peak = common.best_peak(peak_before, common.matmul_peak(a.peak_size))
-  for r in [*res.values(), *(r for rows in swept.values() for r in rows)]:
+  timed = [v for name, v in res.items() if name in ("shared", "naive")]
+  for r in [*timed, *(r for rows in swept.values() for r in rows)]:
     r["peak_fraction"] = r["flops_per_s"] / peak["matmul_flops_per_s"]
 
   out = {"benchmark": "rollout", **shared, "device": m["device"], "versions": m["versions"],
@@ -278,6 +309,8 @@ def main(argv=None) -> int:
     out["naive_same_tokens_frac"] = naive["same_tokens_frac"]
   if sweeps:
     out["sweeps"] = swept
+  if "split" in res:
+    out["split"] = res["split"]
   out.update(common.memory_stats())
 
   if a.json:
@@ -302,6 +335,13 @@ def main(argv=None) -> int:
           f"{out['shared_vs_naive_speedup_best']:.2f}x best (timed in alternation; analytic "
           f"FLOPs naive / shared {out['naive_vs_shared_flops_ratio']:.2f}x); the naive sampler "
           f"drew the same tokens on {100 * out['naive_same_tokens_frac']:.1f}% of positions")
+  if "split" in out:
+    sp = out["split"]
+    print(f"\nprefill (B={a.prompts} prompts of {a.prompt_len} slots, timed alone): "
+          f"{sp['prefill_s'] * 1e3:.1f} ms, {sp['prefill_prompt_tokens_per_s']:,.0f} prompt "
+          f"tokens/s; decode (the rest: {shared['layout_length'] - 1} steps of "
+          f"{a.prompts * a.group} sequences): {sp['decode_s'] * 1e3:.1f} ms, "
+          f"{sp['decode_tokens_per_s']:,.0f} tokens/s")
   for name in sweeps:
     print(sweep_table(name, swept[name]))
   print("\n" + common.memory_line(out))

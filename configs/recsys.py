@@ -8,11 +8,12 @@
         --config.data.path=/data/ml-1m --workdir=runs/ml1m
 
 Variants (after the colon, comma-separated to combine, e.g. `tiny,ablate_lambda`):
-`default` (the next item only, C = 20, uniform negatives; a 2-core CPU run in about
-10 minutes), `one_target` (the same task pinned: committed results name it, so they
-still reproduce if the default changes), `pool60` (C = 60: issue 14's regime criteria
-met on validation, but a whole run takes ~30 minutes on 2 cores; docs/experiments.md,
-"Choosing the recommendation regime"), `tiny` (seconds; used by the tests; one target),
+`default` (the next item among C = 50 candidates, uniform negatives, a 400-step SFT warm
+start: issue 14's regime, where errors split between the slate and the ranking; a
+2-core CPU run in about 10 minutes; docs/experiments.md, "Choosing the recommendation
+regime"), `one_target` (the task before issue 14: C = 20 and 1,000 SFT steps, pinned:
+committed results name it), `pool60` (C = 60 with 1,000 SFT steps: the first candidate
+that met the regime criteria, ~30 minutes on 2 cores), `tiny` (seconds; used by the tests; one target),
 and the ablations of `fgrpo_jax.compare`: `ablate_lambda` (lambda in
 0.25/0.5/1/2), `ablate_slate` (k in 5/10/15), `ablate_advantage` (mean vs std),
 `ablate_ratio` (token vs per-phase ratio), `ablate_rank_ideal` (pool vs slate),
@@ -29,6 +30,7 @@ REAL = ("movielens", "lastfm", "amazon", "recbole")  # variants reading a publis
 # The embedded task before issue 14 (the next item only; the target + 19 uniform negatives),
 # on which every result committed before it was measured.
 ONE_TARGET = dict(pool_size=20, negatives="uniform", num_targets=1, history_len=10, seq_len=20)
+ONE_TARGET_SFT_STEPS = 1000  # its warm start (also pool60's)
 ABLATIONS = {
     "ablate_lambda": ("reward.lam", (0.25, 0.5, 1.0, 2.0)),
     "ablate_slate": ("rollout.slate_size", (5, 10, 15)),
@@ -59,7 +61,7 @@ def get_config(arg=None):
   c.data.num_users = 4000  # synthetic: users (one test and one validation example each)
   c.data.seq_len = 20  # synthetic: interactions per user
   c.data.history_len = 10  # items of history shown in the prompt (last H)
-  c.data.pool_size = 20  # C: candidates per example (the target + C-1 negatives)
+  c.data.pool_size = 50  # C: candidates per example (the target + C-1 negatives)
   # uniform | popularity: the target + C-1 sampled negatives (one target); retrieved: C items
   # drawn from the history alone (data.retrieval_mix), examples missing every target dropped
   c.data.negatives = "uniform"  # how the pool is made: uniform | popularity | retrieved
@@ -121,7 +123,7 @@ def get_config(arg=None):
   c.prompt.system = ""  # text prompts: system message ("" = the built-in format instruction)
 
   c.sft = ml_collections.ConfigDict()
-  c.sft.steps = 1000  # teacher-forcing steps on gold sequences before RL
+  c.sft.steps = 400  # teacher-forcing steps on gold sequences before RL
   c.sft.batch_size = 64  # sequences per SFT step
   c.sft.lr = 3e-3  # peak learning rate of the SFT stage
   c.sft.supervise = "relevant"  # loss on gold tokens naming relevant candidates | all
@@ -183,8 +185,10 @@ def get_config(arg=None):
       continue
     if v == "one_target":
       c.data.update(ONE_TARGET)
-    elif v == "pool60":  # issue 14's regime candidate: errors split between the phases
+      c.sft.steps = ONE_TARGET_SFT_STEPS
+    elif v == "pool60":  # issue 14's first regime candidate (slower than the default)
       c.data.pool_size = 60
+      c.sft.steps = ONE_TARGET_SFT_STEPS
     elif v == "tiny":
       c.data.update(ONE_TARGET)  # the tests' small task keeps one target
       c.data.update(num_items=60, num_clusters=6, num_user_types=4, num_users=600,

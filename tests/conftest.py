@@ -85,7 +85,7 @@ SLOW_TESTS = {
     "test_bad_inputs": ("finished_run", "export", "resume", "lock", "nan", "cli"),
     "test_hf": ("qwen3_5",),  # DeltaNet prefill compiles for seconds per shape
     "test_gguf": ("trains",),
-    "test_benchmarks": ("runs",),  # the benchmark scripts run end to end
+    "test_benchmarks": ("runs", "checkpoint"),  # the benchmark scripts run end to end
     "test_data_multihop_qa": ("training_step",),
 }
 

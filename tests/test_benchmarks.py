@@ -280,3 +280,29 @@ def test_hf_generate_json(runs):
   assert str(d["torch_threads"]) in d["hf_seconds_by_threads"]
   assert math.isclose(d["ratio"], d["ours_generated_tokens_per_s"]
                       / d["hf_generated_tokens_per_s"], rel_tol=1e-6)
+
+
+def test_rollout_on_a_checkpoint_times_its_chat_prompts(tiny_hf_checkpoint, capsys):
+  """--hf-checkpoint: the checkpoint's weights and sizes, the task config's chat prompts
+  (P = its prompt.max_len, C = its pool), and the prefill / decode split."""
+  import jax
+  from configs import recsys_llm
+  from fgrpo_jax.models import hf
+  ckpt = str(tiny_hf_checkpoint(vocab_size=416, tokenizer="chat"))
+  _common()
+  import rollout as rollout_bench  # noqa: PLC0415  (benchmarks/rollout.py)
+  code = rollout_bench.main(["--hf-checkpoint", ckpt, "--task-config",
+                             "configs/recsys_llm.py:tiny", "--prompts", "2", "--group", "2",
+                             "--repeats", "1", "--peak-size", "64", "--json"])
+  assert code == 0
+  d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  config = recsys_llm.get_config("tiny")
+  cfg, params = hf.load_config_and_params(ckpt)
+  w = d["workload"]
+  assert (w["prompt_len"], w["pool"]) == (config.prompt.max_len, config.data.pool_size)
+  assert (w["slate"], w["rank"], w["layers"], w["vocab"]) == (
+      config.rollout.slate_size, config.rollout.rank_size, cfg.num_layers, cfg.vocab_size)
+  assert 0 < w["prompt_tokens"] <= w["prompt_len"] and w["hf_checkpoint"] == ckpt
+  assert d["num_params"] == sum(x.size for x in jax.tree.leaves(params))
+  _positive(d["split"], "prefill_s", "prefill_prompt_tokens_per_s")
+  assert math.isclose(d["split"]["prefill_s"] + d["split"]["decode_s"], d["seconds_per_rollout"])
