@@ -191,6 +191,42 @@ def paired_table(paired: dict) -> str:
   return "\n".join(lines)
 
 
+# RL-stage diagnostics of compare.md: what the two algorithms' updates see (the issue's
+# "advantage variances, the reward correlation, per-phase gradient norms").
+DIAG_KEYS = ("reward_gen_mean", "reward_rank_mean", "reward_corr", "adv_gen_var", "adv_rank_var",
+             "adv_gen_zero_groups", "grad_norm_gen", "grad_norm_rank", "entropy")
+
+
+def stage_diagnostics(history: list[dict], keys=DIAG_KEYS) -> dict[str, float]:
+  """Mean of each logged training diagnostic over the run's post-warm-start stage (every
+  logged step after SFT; the keys a run does not log are left out)."""
+  out = {}
+  for k in keys:
+    vals = [r[k] for r in history if r.get("stage") != "sft" and k in r]
+    if vals:
+      out[k] = float(np.mean(vals))
+  return out
+
+
+def diagnostics_table(histories: dict[str, list[list[dict]]], order: list[str]) -> tuple[dict, str]:
+  """({run: {key: summary over seeds}}, markdown) of stage_diagnostics per run."""
+  agg = _aggregate({name: [stage_diagnostics(h) for h in histories[name]]
+                    for name in order if name in histories})
+  agg = {n: v for n, v in agg.items() if v}
+  keys = [k for k in DIAG_KEYS if any(k in v for v in agg.values())]
+  lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+  for name, v in agg.items():
+    lines.append(f"| {name} | " + " | ".join(
+        f"{v[k]['mean']:.3f}" if k in v else "" for k in keys) + " |")
+  lines.append("")
+  lines.append("Means over every logged step of the RL stage, then over seeds. reward_*_mean: "
+               "sampled rewards; reward_corr: correlation of R_gen and R_rank within groups "
+               "where both vary; adv_*_var: advantage variance per phase; adv_gen_zero_groups: "
+               "share of groups whose slate advantage is zero (every rollout hit or every "
+               "one missed); grad_norm_*: gradient norm of each phase's loss.")
+  return agg, "\n".join(lines)
+
+
 def _load_examples(workdir: str):
   from fgrpo_jax import train
   path = os.path.join(workdir, train.EVAL_EXAMPLES)
@@ -320,16 +356,18 @@ def run_compare(config, workdir: str, log=print) -> dict:
     if ea and eb and all(x is not None for x in ea + eb):
       paired[f"{a} − {b}"] = {k: paired_difference([x[k] for x in ea], [y[k] for y in eb])
                               for k in PAIRED_KEYS}
+  diagnostics, diag_table = diagnostics_table(histories, order)
   result = {"config_variant": config.get("variant", ""), "seeds": config.compare.seeds,
             "runs": agg, "order": [n for n in order if n in agg], "paired": paired,
-            "wall_time_s": round(time.time() - t0, 1)}
+            "diagnostics": diagnostics, "wall_time_s": round(time.time() - t0, 1)}
   logs.write_json_atomic(os.path.join(workdir, "compare.json"), result)
   table = markdown_table(agg, order, config.compare.seeds)
   val_table = markdown_table(agg, order, config.compare.seeds, keys=VAL_KEYS)
   logs.write_text_atomic(
       os.path.join(workdir, "compare.md"),
       table + "\n\nPaired differences on the test examples:\n\n" + paired_table(paired)
-      + "\n\nValidation (the split settings are chosen on):\n\n" + val_table + "\n")
+      + "\n\nValidation (the split settings are chosen on):\n\n" + val_table
+      + "\n\nRL-stage diagnostics:\n\n" + diag_table + "\n")
   plot_curves(histories, os.path.join(workdir, "curves.png"))
   log(table)
   log(f"[compare] {time.time() - t0:.0f}s, wrote compare.json, compare.md, curves.png "

@@ -51,6 +51,13 @@ def test_compare_writes_every_algorithm_and_metric(tmp_path):
   assert runs["fgrpo"]["hit@1"]["mean"] == a.mean()
   assert "val_hit@1" in runs["fgrpo"] and "val_hit@1" in runs["sft warm start"]
   assert (tmp_path / "curves.png").stat().st_size > 10_000
+  # The RL-stage diagnostics of the two sequence-level algorithms.
+  assert "RL-stage diagnostics" in table
+  for a in ("fgrpo", "grpo"):
+    d = saved["diagnostics"][a]
+    assert {"reward_corr", "adv_gen_var", "adv_rank_var", "grad_norm_gen",
+            "grad_norm_rank"} <= set(d), a
+    assert len(d["adv_gen_var"]["values"]) == 1
   # Every algorithm started from the same warm start of its seed.
   for seed in range(1):
     for a in ALGORITHMS:
@@ -144,3 +151,18 @@ def test_paired_difference_against_normal_approximation():
   assert abs(d["mean"] - mean) < 1e-12
   assert abs((d["hi"] - d["lo"]) - 2 * 1.96 * se) < 0.2 * 2 * 1.96 * se
   assert d["per_seed"] == [x.mean() for x in diffs]
+
+
+def test_stage_diagnostics_average_the_stage_after_the_warm_start():
+  sft_row = {"stage": "sft", "step": 10, "entropy": 9.0, "reward_corr": 9.0}
+  seed0 = [sft_row, {"stage": "rl", "step": 10, "entropy": 1.0, "reward_corr": 0.5},
+           {"stage": "rl", "step": 20, "entropy": 3.0}, {"stage": "rl", "step": 20,
+                                                         "val_hit@1": 0.3}]
+  seed1 = [sft_row, {"stage": "rl", "step": 10, "entropy": 4.0, "reward_corr": 0.1}]
+  assert compare.stage_diagnostics(seed0) == {"entropy": 2.0, "reward_corr": 0.5}
+  agg, table = compare.diagnostics_table({"fgrpo": [seed0, seed1], "sft": [[sft_row]]},
+                                         ["fgrpo", "sft", "grpo"])
+  assert set(agg) == {"fgrpo"}  # no post-warm-start diagnostics: no row
+  assert agg["fgrpo"]["entropy"]["mean"] == 3.0 and agg["fgrpo"]["entropy"]["values"] == [2.0, 4.0]
+  assert abs(agg["fgrpo"]["reward_corr"]["mean"] - 0.3) < 1e-12
+  assert "| fgrpo | 0.300 | 3.000 |" in table
