@@ -251,6 +251,14 @@ class Timing:
     return min(self.times)
 
 
+def prefill_call(params, batch, cfg) -> Callable[[], Any]:
+  """The shared prefill alone (the first part of rollout.sample): B prompts once, the
+  logits of the candidate columns only, as constrained decoding computes them."""
+  f = jax.jit(lambda p, tokens, mask, columns: decoder(cfg).prefill(p, tokens, cfg, mask,
+                                                                     columns=columns))
+  return lambda: f(params, batch["prompt"], batch["prompt_mask"], batch["cand_tokens"])
+
+
 def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
   """First call = compile (timed separately), `warmup` more untimed calls, then
   `repeats` timed calls, each blocked until ready."""

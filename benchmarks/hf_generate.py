@@ -151,12 +151,9 @@ def main(argv=None) -> int:
 
   # The prefill alone on each side (ours: B prompts once; HF: the B*G repeated prompts
   # generate() prefills), for the prefill / decode split of a call.
-  ours_prefill = jax.jit(lambda p, t, msk, c: llama.prefill(p, t, cfg, msk, columns=c))
+  ours_prefill_call = common.prefill_call(params, batch, cfg)
   repeated = {"input_ids": input_ids.repeat_interleave(G, 0),
               "attention_mask": attention_mask.repeat_interleave(G, 0)}
-
-  def ours_prefill_call():
-    return ours_prefill(params, batch["prompt"], batch["prompt_mask"], batch["cand_tokens"])
 
   def hf_prefill_call(threads):
     def call():

@@ -141,13 +141,6 @@ def _setup(a, params=None, real=None):
   return cfg, lay, params, batch, jax.random.key(a.seed + 1)
 
 
-def prefill_call(params, batch, cfg):
-  """The shared prefill alone (the first part of rollout.sample): B prompts once."""
-  f = jax.jit(lambda p, tokens, mask, columns: decoder(cfg).prefill(p, tokens, cfg, mask,
-                                                                     columns=columns))
-  return lambda: f(params, batch["prompt"], batch["prompt_mask"], batch["cand_tokens"])
-
-
 def measure(a, repeats: int, naive: bool = False, params=None, real=None,
             split: bool = False) -> dict[str, dict]:
   """Times one rollout configuration: {"shared": result} (+ "naive", timed in
@@ -159,7 +152,7 @@ def measure(a, repeats: int, naive: bool = False, params=None, real=None,
   if naive:
     fns["naive"] = naive_sampler(params, batch, key, cfg, lay, G)
   if split:
-    fns["prefill"] = prefill_call(params, batch, cfg)
+    fns["prefill"] = common.prefill_call(params, batch, cfg)
   ts = common.time_interleaved(fns, repeats)
   flops = lambda shared: common.rollout_flops(cfg, B, G, P, T, shared=shared, columns=C)
   out = {"shared": _result(ts["shared"], flops(True), B, G, T)}
