@@ -38,6 +38,8 @@ def get_config(arg=None):
   c.data.question_len = 10  # question tokens kept in the prompt
   c.data.passage_len = 7  # tokens kept of each passage
   c.data.max_prompt_len = 0  # fixed prompt length P (0 = 3 + question_len + C*(1+passage_len))
+  c.data.question_first = False  # prompt layout: <q> question before the passages (else after)
+  c.data.slot_after_passage = False  # prompt layout: identifier [Pi] after its passage (else before)
   c.data.vocab_size = 1000  # word vocabulary cap incl. special tokens (rest -> <unk>)
   c.data.min_word_frequency = 1  # words rarer than this in the training split -> <unk>
   c.data.skip_bad_lines = False  # real data: skip (and count) malformed examples instead of stopping

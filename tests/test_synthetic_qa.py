@@ -97,6 +97,39 @@ def test_default_prompts_and_references(tmp_path):
   np.testing.assert_array_equal(task2.splits["test"]["prompt"], test["prompt"])
 
 
+@pytest.mark.parametrize("question_first", [False, True])
+@pytest.mark.parametrize("slot_after", [False, True])
+def test_prompt_layouts_match_a_plain_python_rendering(tmp_path, question_first, slot_after):
+  exs = _examples(n=3, pool_size=5, max_hops=2, question_len=6)
+  texts = [e.question for e in exs] + [p for e in exs for p in e.passages]
+  text_prompts.build_tokenizer(texts, str(tmp_path), pool_size=5, vocab_size=500)
+  tok = text_prompts.load_tokenizer(str(tmp_path))
+  builder = text_prompts.QAPrompts(tok, 5, 6, 7, 0, question_first, slot_after)
+  built = builder.build([e.question for e in exs], [e.passages for e in exs])
+  for i, ex in enumerate(exs):
+    question = ["<q>"] + ex.question.split()[:6]
+    passages = []
+    for j, p in enumerate(ex.passages):
+      words, slot = p.split()[:7], f"[P{j + 1}]"
+      passages += words + [slot] if slot_after else [slot] + words
+    expected = (["<bos>"] + (question if question_first else []) + passages
+                + ([] if question_first else question) + ["<slate>"])
+    row = built["prompt"][i][built["prompt_mask"][i]]
+    assert tok.convert_ids_to_tokens(row.tolist()) == expected
+    assert not built["prompt_mask"][i][:-len(expected)].any()  # left padding only
+
+
+def test_layout_fields_reach_the_prepared_prompts(tmp_path):
+  c = qa_config.get_config("tiny")
+  c.data.update(cache_dir=str(tmp_path), question_first=True, slot_after_passage=True)
+  task = tasks.load_task(c, log=lambda s: None)
+  tok = text_prompts.load_tokenizer(os.path.join(task.info["cache_dir"], "tokenizer"))
+  test = task.splits["test"]
+  words = " ".join(tok.convert_ids_to_tokens(test["prompt"][0][test["prompt_mask"][0]].tolist()))
+  assert re.match(r"<bos> <q> [\w ]+ \? the \w+ of \w+ is \w+ \. \[P1\] the ", words), words
+  assert words.endswith(" . [P20] <slate>"), words
+
+
 def test_one_training_step(tmp_path):
   c = qa_config.get_config("tiny")
   c.data.cache_dir = str(tmp_path)

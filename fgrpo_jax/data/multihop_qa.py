@@ -50,7 +50,7 @@ DATASETS = ("hotpotqa", "musique", "2wiki")
 # Defaults of the config.data fields read with .get.
 DEFAULTS = dict(pool_size=20, question_len=32, passage_len=24, max_prompt_len=0,
                 vocab_size=30000, min_word_frequency=2, val_size=1000, max_train_examples=0,
-                skip_bad_lines=False)
+                skip_bad_lines=False, question_first=False, slot_after_passage=False)
 
 FILES = {
     # dataset: (train candidates, test candidates), the first present is used.
@@ -249,7 +249,9 @@ def qa_settings(config) -> tuple[dict, QASettings]:
   s = QASettings(pool_size=int(raw["pool_size"]), question_len=int(raw["question_len"]),
                  passage_len=int(raw["passage_len"]), max_prompt_len=int(raw["max_prompt_len"]),
                  vocab_size=int(raw["vocab_size"]),
-                 min_word_frequency=int(raw["min_word_frequency"]))
+                 min_word_frequency=int(raw["min_word_frequency"]),
+                 question_first=bool(raw["question_first"]),
+                 slot_after_passage=bool(raw["slot_after_passage"]))
   need = text_prompts.prompt_length(s.question_len, s.passage_len, s.pool_size)
   if s.max_prompt_len and need > s.max_prompt_len:
     raise UserError(f"config.data.max_prompt_len={s.max_prompt_len} is shorter than the "

@@ -86,6 +86,8 @@ class QASettings:
   max_prompt_len: int
   vocab_size: int
   min_word_frequency: int
+  question_first: bool = False  # prompt layout (text_prompts.QAPrompts)
+  slot_after_passage: bool = False
 
 
 def write_qa_cache(writer: cache_lib.CacheWriter, splits: dict[str, list[QAExample]],
@@ -109,7 +111,7 @@ def write_qa_cache(writer: cache_lib.CacheWriter, splits: dict[str, list[QAExamp
                                vocab_size=s.vocab_size, min_frequency=s.min_word_frequency)
   tok = text_prompts.load_tokenizer(tok_dir)
   builder = text_prompts.QAPrompts(tok, s.pool_size, s.question_len, s.passage_len,
-                                   s.max_prompt_len)
+                                   s.max_prompt_len, s.question_first, s.slot_after_passage)
   offset = 0
   for split in SPLITS:
     exs = splits[split]
@@ -131,7 +133,8 @@ def write_qa_cache(writer: cache_lib.CacheWriter, splits: dict[str, list[QAExamp
     counts[f"{split}_examples"] = len(exs)
   writer.extra.update(prompt_len=builder.prompt_len, vocab_size=builder.vocab_size,
                       pool_size=s.pool_size, question_len=s.question_len,
-                      passage_len=s.passage_len)
+                      passage_len=s.passage_len, question_first=s.question_first,
+                      slot_after_passage=s.slot_after_passage)
   log(f"[data] {name}: vocabulary {builder.vocab_size} tokens, prompts {builder.prompt_len} "
       f"tokens, <unk> fraction train {counts['train_unk_token_fraction']:.3f} test "
       f"{counts['test_unk_token_fraction']:.3f}")
@@ -179,7 +182,8 @@ def load_prepared(prepared: cache_lib.Prepared, name: str) -> PreparedQA:
   m = prepared.manifest
   tok = text_prompts.load_tokenizer(os.path.join(prepared.dir, "tokenizer"))
   builder = text_prompts.QAPrompts(tok, m["pool_size"], m["question_len"], m["passage_len"],
-                                   m["prompt_len"])
+                                   m["prompt_len"], bool(m.get("question_first", False)),
+                                   bool(m.get("slot_after_passage", False)))
   splits = {s: builder.model_arrays(pipeline.load_split_arrays(prepared.dir, s, m))
             for s in SPLITS}
   return PreparedQA(name=name, dir=prepared.dir, manifest=m, splits=splits, prompts=builder)

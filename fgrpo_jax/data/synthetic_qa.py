@@ -48,7 +48,8 @@ GENERATOR_VERSION = 2  # bump when the generator changes: part of the cache key
 DEFAULTS = dict(num_entities=120, num_relations=8, min_hops=2, max_hops=4, num_train=20000,
                 num_validation=500, num_test=1000, distractor_mix=(0.3, 0.25, 0.35, 0.1),
                 pool_size=20, question_len=10, passage_len=7, max_prompt_len=0,
-                vocab_size=1000, min_word_frequency=1)
+                vocab_size=1000, min_word_frequency=1, question_first=False,
+                slot_after_passage=False)
 
 
 def entity_names(n: int, rng: np.random.Generator) -> list[str]:
@@ -167,7 +168,9 @@ def settings_from_config(config) -> dict:
   s = {k: d.get(k, v) for k, v in DEFAULTS.items()}
   s["distractor_mix"] = [float(x) for x in s["distractor_mix"]]
   for k, v in s.items():
-    if k != "distractor_mix":
+    if k in ("question_first", "slot_after_passage"):
+      s[k] = bool(v)
+    elif k != "distractor_mix":
       s[k] = int(v)
   return s
 
@@ -178,7 +181,9 @@ def prepare(config, workdir: str | None = None, log=print) -> qa.PreparedQA:
   seed = int(config.seed)
   qs = qa.QASettings(pool_size=s["pool_size"], question_len=s["question_len"],
                      passage_len=s["passage_len"], max_prompt_len=s["max_prompt_len"],
-                     vocab_size=s["vocab_size"], min_word_frequency=s["min_word_frequency"])
+                     vocab_size=s["vocab_size"], min_word_frequency=s["min_word_frequency"],
+                     question_first=s["question_first"],
+                     slot_after_passage=s["slot_after_passage"])
 
   def build(writer):
     splits = generate(s, seed)

@@ -13,12 +13,20 @@ ids are fixed:
 then the words of the training texts, most frequent first, up to `vocab_size`
 (every other word becomes `<unk>`).
 
-Prompt of one example (left-padded with <pad> to a fixed length P):
+Prompt of one example (left-padded with <pad> to a fixed length P), by default:
 
     <bos> [P1] passage-1… [P2] passage-2… … [PC] passage-C… <q> question… <slate>
 
 the question truncated to `question_len` tokens and each passage to
-`passage_len`, so P = 3 + question_len + C * (1 + passage_len) at most. The
+`passage_len`, so P = 3 + question_len + C * (1 + passage_len) at most. Two layout
+switches (config.data.question_first, config.data.slot_after_passage) move the
+question before the passages and each identifier after its passage:
+
+    <bos> <q> question… passage-1… [P1] passage-2… [P2] … passage-C… [PC] <slate>
+
+With both, a causal model reads every passage knowing the question, and the
+identifier's position has seen the whole passage: the pointer the rollout writes
+can match what that position computed. The
 rollout then writes `s_1 … s_k </slate> <rank> r_1 … r_m </rank>` where every s/r
 is one identifier token ([Pi] names pool slot i-1): cand_tokens = [P1]..[PC] for
 every example.
@@ -125,6 +133,8 @@ class QAPrompts:
   question_len: int
   passage_len: int
   prompt_len: int = 0  # 0 = the longest possible prompt
+  question_first: bool = False  # <q> question before the passages (default: after them)
+  slot_after_passage: bool = False  # [Pi] after its passage (default: before it)
 
   def __post_init__(self):
     need = prompt_length(self.question_len, self.passage_len, self.pool_size)
@@ -182,14 +192,16 @@ class QAPrompts:
     mask = np.zeros((n, p), bool)
     pool_mask = np.array([[t is not None for t in row] for row in passages], bool).reshape(n, c)
     for i in range(n):
-      seq = [BOS]
+      question = [Q, *q_ids[i]]
+      seq = [BOS] + (question if self.question_first else [])
       for j in range(c):
-        seq.append(SLOT_OFFSET + j)
-        seq.extend(p_ids[i * c + j])
-      # The question comes last, next to the answer: one attention layer can gather it
-      # at the answer position and the next match it against passage words, which can
-      # read their identifier just before them.
-      seq.extend([Q, *q_ids[i], SLATE])
+        passage = p_ids[i * c + j]
+        seq.extend([*passage, SLOT_OFFSET + j] if self.slot_after_passage
+                   else [SLOT_OFFSET + j, *passage])
+      # Default: the question last, next to the answer: one attention layer can gather
+      # it at the answer position and the next match it against passage words, which
+      # can read their identifier just before them.
+      seq.extend(([] if self.question_first else question) + [SLATE])
       prompt[i, p - len(seq):] = seq
       mask[i, p - len(seq):] = True
     return {"prompt": prompt, "prompt_mask": mask,
