@@ -64,6 +64,12 @@ def algorithm_lrs(config) -> dict[str, float]:
   return out
 
 
+# Top-level config fields that cannot change a run's results, so a finished run is reused
+# whatever they hold (or whether its config had them): the comparison's own fields (seed
+# range, run list) and the profiler switch.
+NOT_RESULT_FIELDS = ("compare", "profile_steps")
+
+
 def finished_run(config, workdir: str, log) -> dict | None:
   """The eval.json of a run already finished in workdir with exactly this config (so a
   comparison can be resumed, or its seeds run as parallel processes and then gathered
@@ -72,8 +78,8 @@ def finished_run(config, workdir: str, log) -> dict | None:
   paths = [os.path.join(workdir, f) for f in ("eval.json", train.RUN_CONFIG, train.EVAL_EXAMPLES)]
   if not all(os.path.exists(p) for p in paths):
     return None
-  def settings(d):  # the comparison's own fields (seed range, run list) do not matter
-    return {k: v for k, v in d.items() if k != "compare"}
+  def settings(d):
+    return {k: v for k, v in d.items() if k not in NOT_RESULT_FIELDS}
 
   with open(paths[1]) as f:
     if settings(json.load(f).get("config", {})) != settings(json.loads(json.dumps(

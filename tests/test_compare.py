@@ -65,6 +65,22 @@ def test_compare_writes_every_algorithm_and_metric(tmp_path):
       assert not os.path.isdir(tmp_path / f"seed_{seed}" / a / "ckpt" / "sft")
 
 
+def test_finished_runs_are_reused_only_with_the_same_results_config(tmp_path):
+  c = _tiny()
+  stored = json.loads(json.dumps(c.to_dict()))
+  del stored["profile_steps"]  # a run from before the field existed
+  stored["compare"]["seeds"] = 5
+  (tmp_path / train.RUN_CONFIG).write_text(json.dumps({"config": stored}))
+  (tmp_path / "eval.json").write_text(json.dumps({"metrics": {"hit@1": 0.5}}))
+  np.savez(tmp_path / train.EVAL_EXAMPLES, hit1=np.zeros(3))
+  assert compare.finished_run(c, str(tmp_path), lambda *_: None)["metrics"]["hit@1"] == 0.5
+  c.rl.lr *= 2  # a field that changes results: the run is redone
+  assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
+  c.rl.lr /= 2
+  os.remove(tmp_path / train.EVAL_EXAMPLES)  # an unfinished run
+  assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
+
+
 def test_aggregate_over_seeds():
   per_seed = {"a": [{"hit@1": 0.2, "x": 1.0}, {"hit@1": 0.4}]}
   agg = compare._aggregate(per_seed)
