@@ -1,10 +1,14 @@
-"""Is the multi-hop QA warm start limited by the slot pointer or by reading the question?
+"""What makes the embedded multi-hop QA task learnable? SFT probes of configs/multihop_qa.py.
 
     python scripts/qa_learnability.py --mode=plain    # the default synthetic QA prompts
     python scripts/qa_learnability.py --mode=marker   # supporting passages marked with <unk>
+    python scripts/qa_learnability.py --set data.question_first=True \
+        --set data.slot_after_passage=True --steps=1000 --eval_every=250
 
-Runs the SFT stage of configs/multihop_qa.py (same model, optimiser and batches) and
-prints the teacher-forced NLL of the gold slate / ranking every 50 steps. In `marker`
+Runs the SFT stage of configs/multihop_qa.py (same model, optimiser and batches; any
+config field changed with --set) and prints the teacher-forced NLL of the gold slate /
+ranking averaged over every 50 steps, and every --eval_every steps the greedy
+validation hit@1 and slate recall (BM25's and random's are printed once). In `marker`
 mode the first word of every supporting passage is replaced by <unk>, so finding the
 gold passages needs no question matching, only pointing at the identifier before the
 marked passage: if the NLL falls there and not in `plain` mode, the pointer is
@@ -12,16 +16,20 @@ learnable and matching the question to the passages is what the small model lack
 """
 
 import argparse
+import ast
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from configs import multihop_qa  # noqa: E402
 from fgrpo_jax import config as config_lib  # noqa: E402
+from fgrpo_jax import evaluate, train  # noqa: E402
 from fgrpo_jax import steps as steps_lib  # noqa: E402
 from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 from fgrpo_jax.data import tasks, text_prompts  # noqa: E402
@@ -38,33 +46,70 @@ def mark_supporting(arrays):
   return dict(arrays, prompt=prompt)
 
 
+def _parse(value: str):
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--mode", choices=("plain", "marker"), default="plain")
   parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--eval_every", type=int, default=0, help="0 = only at the end")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="a config field, e.g. data.max_hops=2 or model.num_layers=4")
   parser.add_argument("--cache_dir", default="/tmp/fgrpo_qa_cache")
   args = parser.parse_args()
   c = multihop_qa.get_config()
+  for item in args.set:
+    field, _, value = item.partition("=")
+    node = c
+    *path, last = field.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = _parse(value)
   c.data.cache_dir = args.cache_dir
   task = tasks.load_task(c, log=lambda s: None)
   arrays = task.splits["train"]
   if args.mode == "marker":
+    if c.data.slot_after_passage:
+      raise SystemExit("--mode=marker assumes identifiers before their passages")
     arrays = mark_supporting(arrays)
+  val = {k: v[:c.eval.val_examples] for k, v in task.splits["validation"].items()}
   layout = config_lib.make_layout(task, c)
   cfg = config_lib.model_config(c, task.vocab_size)
   optimizer = steps_lib.make_optimizer(c.optim, c.sft.lr, args.steps)
   params = llama.init_params(cfg, jax.random.key(c.seed))
   state = steps_lib.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
   n = arrays["prompt"].shape[0]
-  print("| mode | step | nll_gen | nll_rank |\n|---|---|---|---|")
+  _, refs = train.reference_metrics(task, val, c)
+  print(f"settings: {' '.join(args.set) or 'default'} | mode {args.mode} | validation "
+        f"references: " + ", ".join(f"{k} hit@1 {v['hit@1']:.3f} slate_recall "
+                                    f"{v['slate_recall']:.3f}" for k, v in refs.items()))
+  print("| step | nll_gen | nll_rank | val hit@1 | val slate_recall | s |")
+  print("|---|---|---|---|---|---|")
+  window, t0 = [], time.time()
   for step in range(args.steps):
     idx = arrays_lib.batch_indices(c.seed, 0, step, n, c.sft.batch_size)
     batch = arrays_lib.take_batch(arrays, idx)
     state, m = steps_lib.sft_step(state, batch, jax.random.key(step), cfg=cfg, layout=layout,
-                              optimizer=optimizer)
-    if (step + 1) % 50 == 0:
-      print(f"| {args.mode} | {step + 1} | {float(m['nll_gen']):.3f} | "
-            f"{float(m['nll_rank']):.3f} |", flush=True)
+                                  optimizer=optimizer)
+    window.append((float(m["nll_gen"]), float(m["nll_rank"])))
+    last = step + 1 == args.steps
+    if (step + 1) % 50 == 0 or last:
+      gen, rank = np.mean(window, axis=0)
+      window = []
+      ev = ""
+      if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+        e = evaluate.evaluate_model(state.params, val, cfg=cfg, layout=layout,
+                                    batch_size=c.eval.batch_size)
+        ev = f"{e['hit@1']:.3f} | {e['slate_recall']:.3f}"
+      else:
+        ev = " | "
+      print(f"| {step + 1} | {gen:.3f} | {rank:.3f} | {ev} | {time.time() - t0:.0f} |",
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from configs import recsys
 from fgrpo_jax import compare, evaluate, rollout, train
@@ -79,6 +80,32 @@ def test_finished_runs_are_reused_only_with_the_same_results_config(tmp_path):
   c.rl.lr /= 2
   os.remove(tmp_path / train.EVAL_EXAMPLES)  # an unfinished run
   assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
+
+
+def test_paired_runs_script_pairs_the_same_examples(tmp_path, capsys):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "paired_runs", os.path.join(os.path.dirname(__file__), "..", "scripts", "paired_runs.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  rng = np.random.default_rng(0)
+  runs = {}
+  for name in ("base", "a", "b"):
+    d = tmp_path / name
+    d.mkdir()
+    runs[name] = {"hit@1": (rng.random(50) < 0.3).astype(np.float32),
+                  "ndcg@5": rng.random(50).astype(np.float32)}
+    np.savez(d / train.EVAL_EXAMPLES, **runs[name])
+  table = script.main([f"--base=base={tmp_path / 'base'}", f"a={tmp_path / 'a'}",
+                       f"b={tmp_path / 'b'}"])
+  rows = {line.split("|")[1].strip(): line for line in table.splitlines() if " − " in line}
+  assert set(rows) == {"a − base", "b − base", "a − b"}
+  want = float(np.mean(runs["a"]["hit@1"] - runs["b"]["hit@1"]))
+  assert f"{want:+.4f} [" in rows["a − b"]
+  (tmp_path / "short").mkdir()
+  np.savez(tmp_path / "short" / train.EVAL_EXAMPLES, **{k: v[:10] for k, v in runs["a"].items()})
+  with pytest.raises(SystemExit, match="different numbers"):
+    script.main([f"--base=base={tmp_path / 'base'}", f"s={tmp_path / 'short'}"])
 
 
 def test_aggregate_over_seeds():
