@@ -12,6 +12,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"fgrpo_jax_test_xla_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Faster XLA:CPU compiles for the whole session (and the subprocesses tests start): the
+# suite is compile-bound (a cold-cache test_compare.py took 290 s with the default LLVM
+# optimisation, 184 s with these). The flags test_sharding, test_distributed,
+# test_rl_learning and test_train already compiled with. FGRPO_TEST_FULL_OPT=1 keeps the
+# default optimisation (e.g. to check a failure is not the flags').
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
+                      "--xla_llvm_disable_expensive_passes=true")
+if os.environ.get("FGRPO_TEST_FULL_OPT", "") in ("", "0"):
+  _flags = os.environ.get("XLA_FLAGS", "").split()
+  os.environ["XLA_FLAGS"] = " ".join(
+      _flags + [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in
+                {g.split("=")[0] for g in _flags}])
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
