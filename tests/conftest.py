@@ -102,9 +102,32 @@ SLOW_TESTS = {
 }
 
 
+# Rough cold-cache seconds of the heaviest files (-n 2 on a loaded 2-core machine). With
+# --dist loadfile, xdist hands out whole files in collection order, so the heaviest go
+# first (longest processing time first); xdist's own reordering (by number of tests) put
+# the files of a few long end-to-end tests last, where one worker ran them for minutes
+# while the other idled, so it is turned off.
+FILE_SECONDS = {"test_rl_learning": 650, "test_train": 450, "test_sharding": 450,
+                "test_compare": 400, "test_llm_configs": 300, "test_qwen3_5_train": 280,
+                "test_distributed": 170, "test_data_recsys_real": 150, "test_gguf": 150,
+                "test_qwen3_5": 150, "test_notebook": 140, "test_tasks": 140, "test_hf": 120,
+                "test_chat_prompts": 110, "test_golden": 100, "test_lora": 80,
+                "test_bad_inputs": 80}
+
+
+def pytest_configure(config):
+  if getattr(config.option, "loadscopereorder", None):
+    config.option.loadscopereorder = False
+
+
+def _module(item):
+  return item.module.__name__.rsplit(".", 1)[-1]
+
+
 def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: -FILE_SECONDS.get(_module(item), 0))  # stable: files stay whole
   for item in items:
-    module = item.module.__name__.rsplit(".", 1)[-1]
+    module = _module(item)
     fixtures = " ".join(getattr(item, "fixturenames", ()))
     words = SLOW_TESTS.get(module, ())
     if module in SLOW_MODULES or any(w in item.name or w in fixtures for w in words):
