@@ -12,6 +12,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"fgrpo_jax_test_xla_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Faster XLA:CPU compiles for the whole session (and the subprocesses tests start): the
+# suite is compile-bound (a cold-cache test_compare.py took 290 s with the default LLVM
+# optimisation, 184 s with these). The flags test_sharding, test_distributed,
+# test_rl_learning and test_train already compiled with. FGRPO_TEST_FULL_OPT=1 keeps the
+# default optimisation (e.g. to check a failure is not the flags').
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
+                      "--xla_llvm_disable_expensive_passes=true")
+if os.environ.get("FGRPO_TEST_FULL_OPT", "") in ("", "0"):
+  _flags = os.environ.get("XLA_FLAGS", "").split()
+  os.environ["XLA_FLAGS"] = " ".join(
+      _flags + [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in
+                {g.split("=")[0] for g in _flags}])
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -90,9 +102,32 @@ SLOW_TESTS = {
 }
 
 
+# Rough cold-cache seconds of the heaviest files (-n 2 on a loaded 2-core machine). With
+# --dist loadfile, xdist hands out whole files in collection order, so the heaviest go
+# first (longest processing time first); xdist's own reordering (by number of tests) put
+# the files of a few long end-to-end tests last, where one worker ran them for minutes
+# while the other idled, so it is turned off.
+FILE_SECONDS = {"test_rl_learning": 650, "test_train": 450, "test_sharding": 450,
+                "test_compare": 400, "test_llm_configs": 300, "test_qwen3_5_train": 280,
+                "test_distributed": 170, "test_data_recsys_real": 150, "test_gguf": 150,
+                "test_qwen3_5": 150, "test_notebook": 140, "test_tasks": 140, "test_hf": 120,
+                "test_chat_prompts": 110, "test_golden": 100, "test_lora": 80,
+                "test_bad_inputs": 80}
+
+
+def pytest_configure(config):
+  if getattr(config.option, "loadscopereorder", None):
+    config.option.loadscopereorder = False
+
+
+def _module(item):
+  return item.module.__name__.rsplit(".", 1)[-1]
+
+
 def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: -FILE_SECONDS.get(_module(item), 0))  # stable: files stay whole
   for item in items:
-    module = item.module.__name__.rsplit(".", 1)[-1]
+    module = _module(item)
     fixtures = " ".join(getattr(item, "fixturenames", ()))
     words = SLOW_TESTS.get(module, ())
     if module in SLOW_MODULES or any(w in item.name or w in fixtures for w in words):
