@@ -13,6 +13,7 @@ validation Hit@1 against steps, shaded across seeds).
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -40,11 +41,20 @@ VAL_KEYS = ("val_hit@1", "val_ndcg@5", "val_slate_recall", "val_slate_miss",
 
 
 def _set_field(config, dotted: str, value):
+  """config.<dotted> = value, converted to the field's type. Text for a bool or tuple
+  field is read as a Python literal ("False", "(0.5, 1.0)"): bool("False") is True and
+  tuple("(0.5, 1.0)") a tuple of characters."""
   node = config
   *path, last = dotted.split(".")
   for p in path:
     node = node[p]
-  node[last] = type(node[last])(value) if not isinstance(node[last], str) else str(value)
+  current = node[last]
+  if isinstance(current, str):
+    node[last] = str(value)
+    return
+  if isinstance(value, str) and isinstance(current, (bool, tuple, list)):
+    value = ast.literal_eval(value)
+  node[last] = type(current)(value)
 
 
 def algorithm_lrs(config) -> dict[str, float]:
@@ -172,13 +182,26 @@ def paired_difference(a, b, resamples: int = 2000, seed: int = 0) -> dict:
           "per_seed": per_seed}
 
 
-def planned_pairs(names: list[str]) -> list[tuple[str, str]]:
-  """(a, b) pairs of the paired table: every run against the warm start, and F-GRPO
-  against every other run."""
-  pairs = [(n, WARM) for n in names]
-  if "fgrpo" in names:
-    pairs += [("fgrpo", n) for n in names if n != "fgrpo"]
+def planned_pairs(names: list[str], base: str = WARM, lead: str = "fgrpo"
+                  ) -> list[tuple[str, str]]:
+  """(a, b) pairs of the paired table: every run against `base` (the warm start), and
+  `lead` (F-GRPO) against every other run."""
+  pairs = [(n, base) for n in names]
+  if lead in names:
+    pairs += [(lead, n) for n in names if n != lead]
   return pairs
+
+
+def paired_differences(examples: dict[str, list], pairs: list[tuple[str, str]]) -> dict:
+  """{"a − b": {metric: paired_difference}} of the pairs whose runs have per-example
+  metrics for every seed; examples: run -> per seed -> {metric: [N]} (or None)."""
+  paired = {}
+  for a, b in pairs:
+    ea, eb = examples.get(a, []), examples.get(b, [])
+    if ea and eb and all(x is not None for x in ea + eb):
+      paired[f"{a} − {b}"] = {k: paired_difference([x[k] for x in ea], [y[k] for y in eb])
+                              for k in PAIRED_KEYS}
+  return paired
 
 
 def paired_table(paired: dict) -> str:
@@ -356,12 +379,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
       per_seed.setdefault("pointwise (SASRec-like)", []).append(m)
   order += [WARM, "pointwise (SASRec-like)", "oracle", "popularity", "random", "bm25"]
   agg = _aggregate(per_seed)
-  paired = {}
-  for a, b in planned_pairs([n for n, _ in runs]):
-    ea, eb = examples.get(a, []), examples.get(b, [])
-    if ea and eb and all(x is not None for x in ea + eb):
-      paired[f"{a} − {b}"] = {k: paired_difference([x[k] for x in ea], [y[k] for y in eb])
-                              for k in PAIRED_KEYS}
+  paired = paired_differences(examples, planned_pairs([n for n, _ in runs]))
   diagnostics, diag_table = diagnostics_table(histories, order)
   result = {"config_variant": config.get("variant", ""), "seeds": config.compare.seeds,
             "runs": agg, "order": [n for n in order if n in agg], "paired": paired,

@@ -25,11 +25,6 @@ def _named(text: str) -> tuple[str, str]:
   return name, path
 
 
-def pairs(base: str, names: list[str]) -> list[tuple[str, str]]:
-  out = [(n, base) for n in names]
-  return out + [(names[0], n) for n in names[1:]]
-
-
 def main(argv=None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--base", type=_named, required=True, help="NAME=RUN_DIR")
@@ -40,14 +35,12 @@ def main(argv=None) -> str:
     ex = compare._load_examples(path)
     if ex is None:
       raise SystemExit(f"{path}: no per-example evaluation (eval_examples.npz); not finished?")
-    examples[name] = ex
-  paired = {}
-  for a, b in pairs(args.base[0], [n for n, _ in args.runs]):
-    if len(examples[a]["hit@1"]) != len(examples[b]["hit@1"]):
-      raise SystemExit(f"{a} and {b} evaluated different numbers of test examples")
-    paired[f"{a} − {b}"] = {k: compare.paired_difference([examples[a][k]], [examples[b][k]])
-                            for k in compare.PAIRED_KEYS}
-  table = compare.paired_table(paired)
+    if examples and len(ex["hit@1"]) != len(examples[args.base[0]][0]["hit@1"]):
+      raise SystemExit(f"{name} and {args.base[0]} evaluated different numbers of test examples")
+    examples[name] = [ex]  # one seed
+  names = [n for n, _ in args.runs]
+  pairs = compare.planned_pairs(names, base=args.base[0], lead=names[0])
+  table = compare.paired_table(compare.paired_differences(examples, pairs))
   print(table)
   return table
 

@@ -16,7 +16,6 @@ learnable and matching the question to the passages is what the small model lack
 """
 
 import argparse
-import ast
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from configs import multihop_qa  # noqa: E402
 from fgrpo_jax import config as config_lib  # noqa: E402
-from fgrpo_jax import evaluate, train  # noqa: E402
+from fgrpo_jax import compare, evaluate, train  # noqa: E402
 from fgrpo_jax import steps as steps_lib  # noqa: E402
 from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 from fgrpo_jax.data import tasks, text_prompts  # noqa: E402
@@ -46,13 +45,6 @@ def mark_supporting(arrays):
   return dict(arrays, prompt=prompt)
 
 
-def _parse(value: str):
-  try:
-    return ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return value
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--mode", choices=("plain", "marker"), default="plain")
@@ -65,11 +57,7 @@ def main():
   c = multihop_qa.get_config()
   for item in args.set:
     field, _, value = item.partition("=")
-    node = c
-    *path, last = field.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = _parse(value)
+    compare._set_field(c, field, value)
   c.data.cache_dir = args.cache_dir
   task = tasks.load_task(c, log=lambda s: None)
   arrays = task.splits["train"]
@@ -101,7 +89,6 @@ def main():
     if (step + 1) % 50 == 0 or last:
       gen, rank = np.mean(window, axis=0)
       window = []
-      ev = ""
       if last or (args.eval_every and (step + 1) % args.eval_every == 0):
         e = evaluate.evaluate_model(state.params, val, cfg=cfg, layout=layout,
                                     batch_size=c.eval.batch_size)

@@ -82,12 +82,8 @@ def test_finished_runs_are_reused_only_with_the_same_results_config(tmp_path):
   assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
 
 
-def test_paired_runs_script_pairs_the_same_examples(tmp_path, capsys):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "paired_runs", os.path.join(os.path.dirname(__file__), "..", "scripts", "paired_runs.py"))
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+def test_paired_runs_script_pairs_the_same_examples(tmp_path, load_script):
+  script = load_script("paired_runs")
   rng = np.random.default_rng(0)
   runs = {}
   for name in ("base", "a", "b"):
@@ -106,6 +102,19 @@ def test_paired_runs_script_pairs_the_same_examples(tmp_path, capsys):
   np.savez(tmp_path / "short" / train.EVAL_EXAMPLES, **{k: v[:10] for k, v in runs["a"].items()})
   with pytest.raises(SystemExit, match="different numbers"):
     script.main([f"--base=base={tmp_path / 'base'}", f"s={tmp_path / 'short'}"])
+
+
+def test_set_field_reads_text_as_the_field_type():
+  c = recsys.get_config("tiny")
+  compare._set_field(c, "compare.pointwise", "False")  # bool("False") would be True
+  compare._set_field(c, "rl.lr", "3e-4")
+  compare._set_field(c, "rl.steps", "7")
+  compare._set_field(c, "sft.slate_order", "relevant_first")
+  compare._set_field(c, "compare.sweep_values", "(0.5, 2.0)")
+  assert c.compare.pointwise is False and c.rl.lr == 3e-4 and c.rl.steps == 7
+  assert c.sft.slate_order == "relevant_first" and c.compare.sweep_values == (0.5, 2.0)
+  compare._set_field(c, "compare.pointwise", True)  # typed values pass through
+  assert c.compare.pointwise is True
 
 
 def test_aggregate_over_seeds():

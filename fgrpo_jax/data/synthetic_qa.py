@@ -168,10 +168,8 @@ def settings_from_config(config) -> dict:
   s = {k: d.get(k, v) for k, v in DEFAULTS.items()}
   s["distractor_mix"] = [float(x) for x in s["distractor_mix"]]
   for k, v in s.items():
-    if k in ("question_first", "slot_after_passage"):
-      s[k] = bool(v)
-    elif k != "distractor_mix":
-      s[k] = int(v)
+    if k != "distractor_mix":
+      s[k] = bool(v) if isinstance(DEFAULTS[k], bool) else int(v)
   return s
 
 
