@@ -8,7 +8,10 @@ Per seed, the SFT warm start is trained once and every algorithm starts from it
 run is an ordinary `fgrpo_jax.main` job in DIR/seed_<s>/<run>/, so it resumes if
 interrupted. Writes DIR/compare.json (per run, per metric: mean, std, per-seed
 values), DIR/compare.md (the table) and DIR/curves.png (per-phase rewards and
-validation Hit@1 against steps, shaded across seeds).
+validation Hit@1 against steps, shaded across seeds). A sweep (`compare.sweep_field`,
+the `ablate_*` variants) writes compare_<field>.{json,md} and curves_<field>.png instead,
+so several ablations can share one DIR and so its warm starts (a run that changes a field
+of WARM_START_FIELDS, such as the slate size, trains a warm start of its own).
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ def _set_field(config, dotted: str, value):
   node[last] = type(current)(value)
 
 
+def _get_field(config, dotted: str):
+  node = config
+  for p in dotted.split("."):
+    node = node[p]
+  return node
+
+
 def algorithm_lrs(config) -> dict[str, float]:
   """config.compare.lr ("fgrpo=1e-3,sft=3e-4") as {algorithm: rl.lr}."""
   from fgrpo_jax import config as config_lib
@@ -99,6 +109,12 @@ def finished_run(config, workdir: str, log) -> dict | None:
     result = json.load(f)
   log(f"[compare] {workdir}: finished with this config, reusing its eval.json")
   return result
+
+
+def read_warm_start(path: str) -> dict:
+  """A warm start's row: its test metrics and final validation metrics."""
+  with open(os.path.join(path, "eval.json")) as f:
+    return {**json.load(f)["metrics"], **final_validation(read_history(path))}
 
 
 def run_dirname(name: str) -> str:
@@ -182,11 +198,49 @@ def paired_difference(a, b, resamples: int = 2000, seed: int = 0) -> dict:
           "per_seed": per_seed}
 
 
-def planned_pairs(names: list[str], base: str = WARM, lead: str = "fgrpo"
+# Fields the SFT warm start depends on. A run that changes one starts from a warm start of
+# its own (the slate-size ablation: SFT writes slates of the size RL samples).
+WARM_START_FIELDS = ("rollout.slate_size", "rollout.rank_size", "data.", "model.", "sft.")
+
+
+def own_warm_start(config, fields: dict) -> dict:
+  """The fields of a run ({dotted field: value}) that change its SFT warm start from
+  config's (empty: the run starts from the seed's shared warm start)."""
+  own = {}
+  for f, v in fields.items():
+    if f.startswith(WARM_START_FIELDS):
+      trial = copy.deepcopy(config)
+      _set_field(trial, f, v)
+      if _get_field(trial, f) != _get_field(config, f):
+        own[f] = v
+  return own
+
+
+def warm_start_name(own: dict) -> str:
+  """The table name of a warm start: WARM, or WARM[slate_size=5] for a run's own."""
+  if not own:
+    return WARM
+  return f"{WARM}[" + ",".join(f"{f.split('.')[-1]}={v}" for f, v in own.items()) + "]"
+
+
+def sweep_lead(config) -> str:
+  """The run every other is paired against: F-GRPO, or in a sweep the run at the
+  config's own value of the swept field (the ablation's reference)."""
+  cmp = config.compare
+  if not cmp.sweep_field:
+    return "fgrpo"
+  current = _get_field(config, cmp.sweep_field)
+  for name, fields in planned_runs(config):
+    if fields[cmp.sweep_field] == current:
+      return name
+  return ""
+
+
+def planned_pairs(names: list[str], base: str | dict = WARM, lead: str = "fgrpo"
                   ) -> list[tuple[str, str]]:
-  """(a, b) pairs of the paired table: every run against `base` (the warm start), and
-  `lead` (F-GRPO) against every other run."""
-  pairs = [(n, base) for n in names]
+  """(a, b) pairs of the paired table: every run against `base` (the warm start; a dict
+  names each run's own), and `lead` (F-GRPO) against every other run."""
+  pairs = [(n, base.get(n, WARM) if isinstance(base, dict) else base) for n in names]
   if lead in names:
     pairs += [(lead, n) for n in names if n != lead]
   return pairs
@@ -329,6 +383,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
   per_seed: dict[str, list[dict]] = {}
   histories: dict[str, list[list[dict]]] = {}
   examples: dict[str, list[dict]] = {}  # run -> per seed -> {metric: [N]}
+  warm_start_names: dict[str, str] = {}  # run -> its own warm start's table name
   order = [n for n, _ in runs]
   t0 = time.time()
   first = config.compare.get("first_seed", 0)
@@ -337,15 +392,29 @@ def run_compare(config, workdir: str, log=print) -> dict:
     warm = os.path.join(seed_dir, "warm_start")
     base = copy.deepcopy(config)
     base.seed = seed
-    warm_cfg = copy.deepcopy(base)
-    warm_cfg.rl.steps = 0
-    log(f"== seed {seed}: SFT warm start")
-    finished_run(warm_cfg, warm, log) or train.run(warm_cfg, warm, log=log)
+
+    def train_warm_start(cfg, path, name):
+      warm_cfg = copy.deepcopy(cfg)
+      warm_cfg.rl.steps = 0
+      warm_cfg.sft.init_from = base.sft.init_from  # not the warm start being trained
+      log(f"== seed {seed}: {name}")
+      finished_run(warm_cfg, path, log) or train.run(warm_cfg, path, log=log)
+
+    train_warm_start(base, warm, WARM)
     for name, fields in runs:
       cfg = copy.deepcopy(base)
       for f, v in fields.items():
         _set_field(cfg, f, v)
+      own = own_warm_start(base, fields)
       cfg.sft.init_from = warm
+      if own:  # e.g. the slate-size ablation: SFT on slates of this run's size
+        warm_name = warm_start_names[name] = warm_start_name(own)
+        cfg.sft.init_from = os.path.join(seed_dir, "warm_start_" + run_dirname(
+            warm_name[len(WARM) + 1:-1]))
+        if warm_name not in per_seed or len(per_seed[warm_name]) <= seed - first:
+          train_warm_start(cfg, cfg.sft.init_from, warm_name)
+          per_seed.setdefault(warm_name, []).append(read_warm_start(cfg.sft.init_from))
+          examples.setdefault(warm_name, []).append(_load_examples(cfg.sft.init_from))
       run_dir = os.path.join(seed_dir, run_dirname(name))
       log(f"== seed {seed}: {name}")
       result = finished_run(cfg, run_dir, log) or train.run(cfg, run_dir, log=log)
@@ -357,8 +426,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
     # References on the same test examples (they need no training but the pointwise one).
     with open(os.path.join(warm, "eval.json")) as f:
       warm_result = json.load(f)
-    per_seed.setdefault(WARM, []).append(
-        {**warm_result["metrics"], **final_validation(read_history(warm))})
+    per_seed.setdefault(WARM, []).append(read_warm_start(warm))
     examples.setdefault(WARM, []).append(_load_examples(warm))
     if warm_result["oracle"]:
       per_seed.setdefault("oracle", []).append(warm_result["oracle"])
@@ -377,24 +445,31 @@ def run_compare(config, workdir: str, log=print) -> dict:
                                    base.seed, base.reward.gain)
       m["wall_time_s"] = time.time() - t_pw
       per_seed.setdefault("pointwise (SASRec-like)", []).append(m)
-  order += [WARM, "pointwise (SASRec-like)", "oracle", "popularity", "random", "bm25"]
+  order += [WARM, *dict.fromkeys(warm_start_names.values()), "pointwise (SASRec-like)",
+            "oracle", "popularity", "random", "bm25"]
   agg = _aggregate(per_seed)
-  paired = paired_differences(examples, planned_pairs([n for n, _ in runs]))
+  paired = paired_differences(examples, planned_pairs([n for n, _ in runs], warm_start_names,
+                                                      lead=sweep_lead(config)))
   diagnostics, diag_table = diagnostics_table(histories, order)
   result = {"config_variant": config.get("variant", ""), "seeds": config.compare.seeds,
             "runs": agg, "order": [n for n in order if n in agg], "paired": paired,
             "diagnostics": diagnostics, "wall_time_s": round(time.time() - t0, 1)}
-  logs.write_json_atomic(os.path.join(workdir, "compare.json"), result)
+  # A sweep's outputs are named after its field, so several ablations can share one
+  # workdir (and so its warm starts) without overwriting each other's tables.
+  stem = (f"compare_{config.compare.sweep_field.split('.')[-1]}" if config.compare.sweep_field
+          else "compare")
+  logs.write_json_atomic(os.path.join(workdir, f"{stem}.json"), result)
   table = markdown_table(agg, order, config.compare.seeds)
   val_table = markdown_table(agg, order, config.compare.seeds, keys=VAL_KEYS)
   logs.write_text_atomic(
-      os.path.join(workdir, "compare.md"),
+      os.path.join(workdir, f"{stem}.md"),
       table + "\n\nPaired differences on the test examples:\n\n" + paired_table(paired)
       + "\n\nValidation (the split settings are chosen on):\n\n" + val_table
       + "\n\nRL-stage diagnostics:\n\n" + diag_table + "\n")
-  plot_curves(histories, os.path.join(workdir, "curves.png"))
+  curves = "curves.png" if stem == "compare" else f"curves_{stem[len('compare_'):]}.png"
+  plot_curves(histories, os.path.join(workdir, curves))
   log(table)
-  log(f"[compare] {time.time() - t0:.0f}s, wrote compare.json, compare.md, curves.png "
+  log(f"[compare] {time.time() - t0:.0f}s, wrote {stem}.json, {stem}.md, {curves} "
       f"in {workdir}")
   return result
 

@@ -127,24 +127,46 @@ def test_aggregate_over_seeds():
 
 
 def test_sweep_run_directories_are_plain_names(tmp_path):
-  """A sweep's runs ("fgrpo[lam=0.5]") live in directories without glob characters, and
-  their checkpoints are complete: a second process reads them back (eval mode)."""
+  """A sweep's runs ("fgrpo[slate_size=3]") live in directories without glob characters,
+  and their checkpoints are complete: a second process reads them back (eval mode). A
+  slate size other than the config's starts from a warm start trained at that size; the
+  run at the config's own value is the one the others are paired with."""
   assert compare.run_dirname("fgrpo[lr=0.001]") == "fgrpo_lr=0.001"
   assert compare.run_dirname("decoupled/x y") == "decoupled_x_y"
-  c = _tiny(**{"compare__sweep_field": "reward.lam", "compare__sweep_values": (0.5,),
+  c = _tiny(**{"compare__sweep_field": "rollout.slate_size", "compare__sweep_values": (3, 4),
                "compare__pointwise": False, "sft__steps": 2, "rl__steps": 2})
+  assert c.rollout.slate_size == 4
   first = compare.run_compare(c, str(tmp_path), log=lambda *_: None)
   # A second call finds every run finished with the same config and reuses it.
   lines = []
   again = compare.run_compare(c, str(tmp_path), log=lines.append)
-  assert sum("reusing its eval.json" in l for l in lines) == 2  # warm start + the run
+  assert sum("reusing its eval.json" in l for l in lines) == 4  # 2 warm starts + 2 runs
   assert again["runs"] == first["runs"]
-  run = tmp_path / "seed_0" / "fgrpo_lam=0.5"
-  assert sorted(os.listdir(tmp_path / "seed_0")) == ["fgrpo_lam=0.5", "warm_start"]
+  seed_dir = tmp_path / "seed_0"
+  assert sorted(os.listdir(seed_dir)) == ["fgrpo_slate_size=3", "fgrpo_slate_size=4",
+                                          "warm_start", "warm_start_slate_size=3"]
+  configs = {}
+  for d in os.listdir(seed_dir):
+    with open(seed_dir / d / train.RUN_CONFIG) as f:
+      configs[d] = json.load(f)["config"]
+  assert configs["warm_start_slate_size=3"]["rollout"]["slate_size"] == 3
+  assert configs["warm_start_slate_size=3"]["rl"]["steps"] == 0
+  assert configs["fgrpo_slate_size=3"]["sft"]["init_from"] == str(
+      seed_dir / "warm_start_slate_size=3")
+  assert configs["fgrpo_slate_size=4"]["sft"]["init_from"] == str(seed_dir / "warm_start")
+  assert "sft warm start[slate_size=3]" in first["order"]
+  with open(tmp_path / "compare_slate_size.json") as f:  # named after the swept field
+    assert json.load(f)["paired"] == first["paired"]
+  assert not (tmp_path / "compare.json").exists()
+  assert set(first["paired"]) == {
+      "fgrpo[slate_size=3] − sft warm start[slate_size=3]",
+      "fgrpo[slate_size=4] − sft warm start",
+      "fgrpo[slate_size=4] − fgrpo[slate_size=3]"}
+  run = seed_dir / "fgrpo_slate_size=3"
   params = os.listdir(run / "ckpt" / "rl" / "2" / "params")
   assert "manifest.ocdbt" in params  # finalized (not only the per-process parts)
   c.algorithm, c.mode = "fgrpo", "eval"
-  c.reward.lam = 0.5
+  c.rollout.slate_size = 3
   c.eval.allow_random = False
   result = train.run(c, str(run), log=lambda *_: None)  # fails if the params are unreadable
   with open(run / "eval.json") as f:
