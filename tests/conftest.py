@@ -143,3 +143,72 @@ def pytest_runtest_setup(item):
   jax.config.update("jax_persistent_cache_min_compile_time_secs",
                     1e9 if "qwen3_5" in item.nodeid else
                     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+# ----------------------------------------------------------------------------
+# Compile time per test (the suite is compile-bound): jax.monitoring's durations of
+# tracing, lowering and XLA compiles in this process, attributed to the test running
+# (module fixtures to the test that set them up, as --durations does), and the
+# persistent-cache hits. The terminal summary lists the tests that compile longest.
+# Subprocesses a test starts (the sharding, distributed and notebook workers) are not
+# seen: their time shows in --durations only.
+COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+                  "/jax/core/compile/backend_compile_duration": "compile"}
+_compile_totals = {"trace": 0.0, "lower": 0.0, "compile": 0.0, "compiles": 0, "cache_hits": 0}
+_compile_at_start: dict = {}
+_compile_rows: list = []
+
+
+def _on_duration(event, duration, **_):
+  kind = COMPILE_EVENTS.get(event)
+  if kind:
+    _compile_totals[kind] += duration
+    _compile_totals["compiles"] += kind == "compile"
+
+
+def _on_event(event, **_):
+  if event == "/jax/compilation_cache/cache_hits":
+    _compile_totals["cache_hits"] += 1
+
+
+def pytest_sessionstart(session):
+  import jax.monitoring
+  jax.monitoring.register_event_duration_secs_listener(_on_duration)
+  jax.monitoring.register_event_listener(_on_event)
+
+
+def pytest_runtest_logstart(nodeid, location):
+  _compile_at_start.clear()
+  _compile_at_start.update(_compile_totals)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  if call.when == "teardown" and _compile_at_start:
+    spent = {k: _compile_totals[k] - _compile_at_start[k] for k in _compile_totals}
+    outcome.get_result().user_properties.append(("compile", spent))
+
+
+def pytest_runtest_logreport(report):
+  """Runs in the xdist controller too: the workers' reports carry user_properties."""
+  if report.when == "teardown":
+    for name, value in report.user_properties:
+      if name == "compile":
+        _compile_rows.append((report.nodeid, value))
+
+
+def pytest_terminal_summary(terminalreporter):
+  if not _compile_rows:
+    return
+  total = {k: sum(v[k] for _, v in _compile_rows) for k in _compile_totals}
+  tr = terminalreporter
+  tr.section("compile time per test (this process's jax compiles; top 15)")
+  tr.write_line(f"all tests: trace {total['trace']:.0f} s, lower {total['lower']:.0f} s, XLA "
+                f"compile {total['compile']:.0f} s in {total['compiles']} compiles, "
+                f"{total['cache_hits']} persistent-cache hits")
+  rows = sorted(_compile_rows, key=lambda r: -(r[1]["trace"] + r[1]["lower"] + r[1]["compile"]))
+  for nodeid, v in rows[:15]:
+    tr.write_line(f"{v['trace'] + v['lower'] + v['compile']:7.1f}s  (XLA {v['compile']:6.1f}s, "
+                  f"{v['compiles']:3d} compiles, {v['cache_hits']:3d} hits)  {nodeid}")

@@ -71,6 +71,7 @@ def test_finished_runs_are_reused_only_with_the_same_results_config(tmp_path):
   stored = json.loads(json.dumps(c.to_dict()))
   del stored["profile_steps"]  # a run from before the field existed
   stored["compare"]["seeds"] = 5
+  stored["variant"] = "ablate_lambda"  # another ablation's warm start: the same settings
   (tmp_path / train.RUN_CONFIG).write_text(json.dumps({"config": stored}))
   (tmp_path / "eval.json").write_text(json.dumps({"metrics": {"hit@1": 0.5}}))
   np.savez(tmp_path / train.EVAL_EXAMPLES, hit1=np.zeros(3))
