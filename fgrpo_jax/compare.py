@@ -47,10 +47,8 @@ def _set_field(config, dotted: str, value):
   """config.<dotted> = value, converted to the field's type. Text for a bool or tuple
   field is read as a Python literal ("False", "(0.5, 1.0)"): bool("False") is True and
   tuple("(0.5, 1.0)") a tuple of characters."""
-  node = config
   *path, last = dotted.split(".")
-  for p in path:
-    node = node[p]
+  node = _get_field(config, ".".join(path)) if path else config
   current = node[last]
   if isinstance(current, str):
     node[last] = str(value)
@@ -217,11 +215,10 @@ def own_warm_start(config, fields: dict) -> dict:
   return own
 
 
-def warm_start_name(own: dict) -> str:
-  """The table name of a warm start: WARM, or WARM[slate_size=5] for a run's own."""
-  if not own:
-    return WARM
-  return f"{WARM}[" + ",".join(f"{f.split('.')[-1]}={v}" for f, v in own.items()) + "]"
+def warm_start_label(own: dict) -> str:
+  """What sets a run's own warm start apart ("slate_size=5"): its table name is
+  WARM[label], its directory warm_start_<label>."""
+  return ",".join(f"{f.split('.')[-1]}={v}" for f, v in own.items())
 
 
 def sweep_lead(config) -> str:
@@ -402,6 +399,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
       finished_run(warm_cfg, path, log) or train.run(warm_cfg, path, log=log)
 
     train_warm_start(base, warm, WARM)
+    own_warm_starts_done = set()  # this seed's
     for name, fields in runs:
       cfg = copy.deepcopy(base)
       for f, v in fields.items():
@@ -409,10 +407,11 @@ def run_compare(config, workdir: str, log=print) -> dict:
       own = own_warm_start(base, fields)
       cfg.sft.init_from = warm
       if own:  # e.g. the slate-size ablation: SFT on slates of this run's size
-        warm_name = warm_start_names[name] = warm_start_name(own)
-        cfg.sft.init_from = os.path.join(seed_dir, "warm_start_" + run_dirname(
-            warm_name[len(WARM) + 1:-1]))
-        if warm_name not in per_seed or len(per_seed[warm_name]) <= seed - first:
+        label = warm_start_label(own)
+        warm_name = warm_start_names[name] = f"{WARM}[{label}]"
+        cfg.sft.init_from = os.path.join(seed_dir, "warm_start_" + run_dirname(label))
+        if warm_name not in own_warm_starts_done:
+          own_warm_starts_done.add(warm_name)
           train_warm_start(cfg, cfg.sft.init_from, warm_name)
           per_seed.setdefault(warm_name, []).append(read_warm_start(cfg.sft.init_from))
           examples.setdefault(warm_name, []).append(_load_examples(cfg.sft.init_from))
@@ -457,8 +456,8 @@ def run_compare(config, workdir: str, log=print) -> dict:
             "diagnostics": diagnostics, "wall_time_s": round(time.time() - t0, 1)}
   # A sweep's outputs are named after its field, so several ablations can share one
   # workdir (and so its warm starts) without overwriting each other's tables.
-  stem = (f"compare_{config.compare.sweep_field.split('.')[-1]}" if config.compare.sweep_field
-          else "compare")
+  suffix = f"_{config.compare.sweep_field.split('.')[-1]}" if config.compare.sweep_field else ""
+  stem, curves = f"compare{suffix}", f"curves{suffix}.png"
   logs.write_json_atomic(os.path.join(workdir, f"{stem}.json"), result)
   table = markdown_table(agg, order, config.compare.seeds)
   val_table = markdown_table(agg, order, config.compare.seeds, keys=VAL_KEYS)
@@ -467,7 +466,6 @@ def run_compare(config, workdir: str, log=print) -> dict:
       table + "\n\nPaired differences on the test examples:\n\n" + paired_table(paired)
       + "\n\nValidation (the split settings are chosen on):\n\n" + val_table
       + "\n\nRL-stage diagnostics:\n\n" + diag_table + "\n")
-  curves = "curves.png" if stem == "compare" else f"curves_{stem[len('compare_'):]}.png"
   plot_curves(histories, os.path.join(workdir, curves))
   log(table)
   log(f"[compare] {time.time() - t0:.0f}s, wrote {stem}.json, {stem}.md, {curves} "
