@@ -52,6 +52,7 @@ def llm_settings(c, variant: str):
     c.mesh.update(data=-1, fsdp=1)
   elif variant == "tiny":
     c.model.update(dtype="float32", remat="none", lora_rank=4, lora_alpha=8.0)
+    c.prompt.max_len = 384  # long enough for the instruction; candidate texts are cut to fit
     c.sft.update(lr=1e-3, batch_size=8, steps=2)
     c.rl.update(lr=1e-3, batch_prompts=4, steps=1)
     c.eval.update(every=0, val_examples=8, test_examples=8, batch_size=8)

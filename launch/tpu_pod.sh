@@ -149,7 +149,7 @@ INSTALL+="; tar -xzf $REMOTE_DIR.tar.gz -C $REMOTE_DIR; cd $REMOTE_DIR"
 INSTALL+="; bash launch/tpu_vm.sh --install-only --jax-extra=tpu"
 TRAIN="set -o pipefail; cd $REMOTE_DIR && ${env_prefix}${train_cmd} 2>&1 | tee train.log"
 
-# shellcheck disable=SC2317  # invoked by the EXIT trap
+# shellcheck disable=SC2317,SC2329  # invoked by the EXIT trap
 delete_tpu() {
   local rc=$?
   trap - EXIT
