@@ -133,6 +133,8 @@ def rl_config(a):
   config.rollout.slate_size = a.slate
   config.rollout.rank_size = a.rank
   config.rl.batch_prompts = a.prompts
+  if getattr(a, "inner_steps", None) is not None:
+    config.rl.inner_steps = a.inner_steps
   return config
 
 
@@ -143,10 +145,15 @@ def main(argv=None) -> int:
   p.add_argument("--train-forward", action="store_true",
                  help="also compare the training forward+backward with and without prefix "
                       "sharing (completion_logits vs forward on repeated prompts)")
+  p.add_argument("--inner-steps", type=int, default=None,
+                 help="gradient steps per rollout batch (default: configs/recsys.py's "
+                      "rl.inner_steps)")
   a = p.parse_args(argv)
   common.check_workload(p, a)
   if a.group < 2:
     p.error("--group must be >= 2 (group-relative advantages)")
+  if a.inner_steps is not None and a.inner_steps < 1:
+    p.error("--inner-steps must be >= 1")
 
   m = common.meta()
   peak_before = common.matmul_peak(a.peak_size)
