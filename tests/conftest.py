@@ -85,11 +85,14 @@ def tiny_hf_checkpoint(tmp_path_factory):
 # runs the unit tests of rewards, objectives, parse, rollout, models, data readers on
 # fixtures and config validation, for the edit-test loop.
 SLOW_MODULES = {"test_compare", "test_distributed", "test_llm_configs", "test_notebook",
-                "test_sharding", "test_rl_learning", "test_launch", "test_qwen3_5"}
+                "test_sharding", "test_rl_learning", "test_launch", "test_qwen3_5",
+                "test_recompile"}
 SLOW_TESTS = {
     "test_train": ("tiny_run", "sigkill", "bfloat16", "grad_accumulation", "bad_config"),
     "test_lora": ("lora_run", "train_step", "round_trips", "resume", "kl_reference",
-                  "trains_and_writes"),
+                  "trains_and_writes", "qwen3_5_adapters"),
+    "test_golden": ("trajectory", "logs_norms"),  # a tiny training run each
+    "test_synthetic_qa": ("one_training_step",),
     "test_tasks": ("chat_run",),
     "test_data_recsys_real": ("grain_loader", "one_training_step", "from_main"),
     "test_pretrained": ("zero_shot",),
@@ -106,10 +109,13 @@ SLOW_TESTS = {
 # --dist loadfile, xdist hands out whole files in collection order, so the heaviest go
 # first (longest processing time first); xdist's own reordering (by number of tests) put
 # the files of a few long end-to-end tests last, where one worker ran them for minutes
-# while the other idled, so it is turned off.
-FILE_SECONDS = {"test_rl_learning": 650, "test_train": 450, "test_sharding": 450,
-                "test_compare": 400, "test_llm_configs": 300, "test_qwen3_5_train": 280,
-                "test_distributed": 170, "test_data_recsys_real": 150, "test_gguf": 150,
+# while the other idled, so it is turned off. (--dist loadgroup with one group per file,
+# and the heaviest tests in groups of their own, was tried: module-scoped fixtures were
+# then set up again for later tests of the same file, e.g. the sharding worker and the
+# tiny run twice each, and the suite took more CPU, not less.)
+FILE_SECONDS = {"test_rl_learning": 650, "test_sharding": 450, "test_train": 450,
+                "test_compare": 400, "test_distributed": 260, "test_llm_configs": 250,
+                "test_qwen3_5_train": 150, "test_data_recsys_real": 150, "test_gguf": 150,
                 "test_qwen3_5": 150, "test_notebook": 140, "test_tasks": 140, "test_hf": 120,
                 "test_chat_prompts": 110, "test_golden": 100, "test_lora": 80,
                 "test_bad_inputs": 80}
