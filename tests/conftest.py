@@ -112,7 +112,7 @@ SLOW_TESTS = {
 # while the other idled, so it is turned off. (--dist loadgroup with one group per file,
 # and the heaviest tests in groups of their own, was tried: module-scoped fixtures were
 # then set up again for later tests of the same file, e.g. the sharding worker and the
-# tiny run twice each, and the suite took more CPU, not less.)
+# tiny run twice each, which cost more than the better balance saved.)
 FILE_SECONDS = {"test_rl_learning": 650, "test_sharding": 450, "test_train": 450,
                 "test_compare": 400, "test_distributed": 260, "test_llm_configs": 250,
                 "test_qwen3_5_train": 150, "test_data_recsys_real": 150, "test_gguf": 150,
@@ -158,8 +158,9 @@ def pytest_runtest_setup(item):
 # persistent-cache hits, with the CPU seconds of the test (this process and the
 # subprocesses it waited for: the sharding, distributed and notebook workers). On a
 # saturated 2-core machine the suite's wall time is its CPU time over 2, so the summary
-# lists the tests by CPU time, which a loaded machine does not inflate as it does
-# --durations; the compile columns are wall seconds of this process's compiles.
+# lists the tests by CPU time, which a loaded machine inflates less than --durations
+# (spinning thread pools still add some); the compile columns are wall seconds of this
+# process's compiles.
 COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
                   "/jax/core/compile/backend_compile_duration": "compile"}
