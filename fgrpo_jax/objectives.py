@@ -179,3 +179,21 @@ def sft_loss(logprobs, phase_ids, phases=(R.PHASE_GEN, R.PHASE_RANK), count=None
 def sft_token_count(phase_ids, phases=(R.PHASE_GEN, R.PHASE_RANK)):
   """Supervised tokens of `sft_loss`: phase_ids [B, G, T] -> f32 scalar."""
   return jnp.sum(jnp.isin(phase_ids, jnp.asarray(phases))).astype(jnp.float32)
+
+
+
+def prompt_lm_pairs(prompt_mask):
+  """bool [B, P-1]: position p predicts token p+1 and both are real tokens."""
+  return prompt_mask[:, :-1] & prompt_mask[:, 1:]
+
+
+def prompt_lm_loss(logits, prompt, prompt_mask, count=None):
+  """Next-token negative log-likelihood over the prompt itself (an auxiliary SFT loss).
+
+  logits f32 [B, P, V] of a causal forward over prompt int32 [B, P] (prompt_mask bool
+  [B, P], False = left padding); the mean over `prompt_lm_pairs` (count: their number
+  in the whole batch when this is one microbatch).
+  """
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, prompt[:, 1:, None], -1)[..., 0]
+  return _masked_mean(nll, prompt_lm_pairs(prompt_mask), count)

@@ -31,6 +31,7 @@ from fgrpo_jax import rewards as R
 from fgrpo_jax import rollout as rollout_lib
 from fgrpo_jax.data.arrays import model_inputs
 from fgrpo_jax.models import lora as lora_lib
+from fgrpo_jax.models.decoders import decoder
 
 
 class TrainState(NamedTuple):
@@ -195,7 +196,7 @@ def accumulated_value_and_grad(loss_fn, params, data, n: int):
 def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
                supervise="relevant", slate_order="random",
                phases=(R.PHASE_GEN, R.PHASE_RANK), grad_accum: int = 1, frozen=None,
-               inner_steps: int = 1):
+               inner_steps: int = 1, prompt_lm_weight: float = 0.0):
   """One teacher-forcing update on gold sequences (G = 1) -> (params, opt_state, metrics).
 
   batch: dict of [B, ...] arrays (data.arrays.BATCH_KEYS).
@@ -208,6 +209,9 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   frozen: None, or the lora.Frozen base when `params` are LoRA adapters.
   inner_steps: optimizer updates on this batch (the SFT baselines match RL's
   rl.inner_steps updates per step); metrics are those of the first.
+  prompt_lm_weight: > 0 adds that times the next-token NLL of the prompt itself
+  (`objectives.prompt_lm_loss`): a dense signal (every prompt token) next to the few
+  supervised choice tokens; the gold sequence's loss is unchanged.
   """
   if not layout.constrained:
     phases = (*phases, R.PHASE_TAG)
@@ -224,17 +228,25 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   # Token counts of the whole batch: each microbatch's loss is its share of the mean.
   counts = {name: objectives.sft_token_count(phase_ids, p) for name, p in
             (("loss", phases), ("gen", (R.PHASE_GEN,)), ("rank", (R.PHASE_RANK,)))}
+  counts["prompt"] = jnp.sum(objectives.prompt_lm_pairs(batch["prompt_mask"].astype(bool)))
 
   def loss_fn(params, rows):
-    lp, _ = rollout_lib.sequence_logprobs(lora_lib.model_params(params, frozen),
-                                          model_inputs(rows), rows["choices"], cfg=cfg,
+    model = lora_lib.model_params(params, frozen)
+    lp, _ = rollout_lib.sequence_logprobs(model, model_inputs(rows), rows["choices"], cfg=cfg,
                                           layout=layout)
     ids = rows["phase_ids"]
     loss = objectives.sft_loss(lp, ids, phases, counts["loss"])
     # Per-phase NLL of the supervised tokens, for the logs.
     gen = objectives.sft_loss(lp, ids, (R.PHASE_GEN,), counts["gen"])
     rank = objectives.sft_loss(lp, ids, (R.PHASE_RANK,), counts["rank"])
-    return loss, {"nll_gen": gen, "nll_rank": rank}
+    aux = {"nll_gen": gen, "nll_rank": rank}
+    if prompt_lm_weight:
+      mask = rows["prompt_mask"].astype(bool)
+      logits = decoder(cfg).forward(model, rows["prompt"], cfg, mask)
+      aux["nll_prompt"] = objectives.prompt_lm_loss(logits, rows["prompt"], mask,
+                                                    counts["prompt"])
+      loss = loss + prompt_lm_weight * aux["nll_prompt"]
+    return loss, aux
 
   data = {**model_inputs(batch), "choices": choices, "phase_ids": phase_ids}
   with jax.named_scope("update"):
@@ -250,25 +262,27 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
 
 
 SFT_STATIC = ("cfg", "layout", "optimizer", "supervise", "slate_order", "grad_accum",
-              "inner_steps")
+              "inner_steps", "prompt_lm_weight")
 
 
 @functools.partial(jax.jit, static_argnames=SFT_STATIC, donate_argnums=0)
 def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise="relevant",
-             slate_order="random", grad_accum=1, frozen=None, inner_steps=1):
+             slate_order="random", grad_accum=1, frozen=None, inner_steps=1,
+             prompt_lm_weight=0.0):
   """SFT of the one policy that writes both phases (frozen: the LoRA base or None)."""
   params, opt_state, metrics = sft_update(state.params, state.opt_state, batch, key, cfg=cfg,
                                           layout=layout, optimizer=optimizer,
                                           supervise=supervise, slate_order=slate_order,
                                           grad_accum=grad_accum, frozen=frozen,
-                                          inner_steps=inner_steps)
+                                          inner_steps=inner_steps,
+                                          prompt_lm_weight=prompt_lm_weight)
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
 @functools.partial(jax.jit, static_argnames=SFT_STATIC, donate_argnums=0)
 def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
                        supervise="relevant", slate_order="random", grad_accum=1,
-                       frozen=None, inner_steps=1):
+                       frozen=None, inner_steps=1, prompt_lm_weight=0.0):
   """SFT of a decoupled pair: the selector on gold slates, the ranker on gold rankings."""
   out_p, out_o, metrics = {}, {}, {}
   for role, phases, half in (("selector", (R.PHASE_GEN,), True),
@@ -276,7 +290,8 @@ def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
     out_p[role], out_o[role], m = sft_update(
         state.params[role], state.opt_state[role], _half(batch, half), key, cfg=cfg,
         layout=layout, optimizer=optimizer, supervise=supervise, slate_order=slate_order,
-        phases=phases, grad_accum=grad_accum, frozen=frozen, inner_steps=inner_steps)
+        phases=phases, grad_accum=grad_accum, frozen=frozen, inner_steps=inner_steps,
+        prompt_lm_weight=prompt_lm_weight)
     metrics.update({f"{role}_{k}": v for k, v in m.items()})
   metrics["loss"] = metrics["selector_loss"] + metrics["ranker_loss"]
   metrics["grad_norm"] = metrics["selector_grad_norm"] + metrics["ranker_grad_norm"]

@@ -76,18 +76,21 @@ def main():
   print(f"settings: {' '.join(args.set) or 'default'} | mode {args.mode} | validation "
         f"references: " + ", ".join(f"{k} hit@1 {v['hit@1']:.3f} slate_recall "
                                     f"{v['slate_recall']:.3f}" for k, v in refs.items()))
-  print("| step | nll_gen | nll_rank | val hit@1 | val slate_recall | s |")
-  print("|---|---|---|---|---|---|")
+  print("| step | nll_gen | nll_rank | nll_prompt | val hit@1 | val slate_recall | s |")
+  print("|---|---|---|---|---|---|---|")
   window, t0 = [], time.time()
   for step in range(args.steps):
     idx = arrays_lib.batch_indices(c.seed, 0, step, n, c.sft.batch_size)
     batch = arrays_lib.take_batch(arrays, idx)
     state, m = steps_lib.sft_step(state, batch, jax.random.key(step), cfg=cfg, layout=layout,
-                                  optimizer=optimizer)
-    window.append((float(m["nll_gen"]), float(m["nll_rank"])))
+                                  optimizer=optimizer,
+                                  prompt_lm_weight=float(c.sft.prompt_lm_weight),
+                                  slate_order=c.sft.slate_order)
+    window.append((float(m["nll_gen"]), float(m["nll_rank"]),
+                   float(m.get("nll_prompt", float("nan")))))
     last = step + 1 == args.steps
     if (step + 1) % 50 == 0 or last:
-      gen, rank = np.mean(window, axis=0)
+      gen, rank, lm = np.mean(window, axis=0)
       window = []
       if last or (args.eval_every and (step + 1) % args.eval_every == 0):
         e = evaluate.evaluate_model(state.params, val, cfg=cfg, layout=layout,
@@ -95,7 +98,7 @@ def main():
         ev = f"{e['hit@1']:.3f} | {e['slate_recall']:.3f}"
       else:
         ev = " | "
-      print(f"| {step + 1} | {gen:.3f} | {rank:.3f} | {ev} | {time.time() - t0:.0f} |",
+      print(f"| {step + 1} | {gen:.3f} | {rank:.3f} | {lm:.3f} | {ev} | {time.time() - t0:.0f} |",
             flush=True)
 
 

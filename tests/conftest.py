@@ -88,7 +88,8 @@ SLOW_MODULES = {"test_compare", "test_distributed", "test_llm_configs", "test_no
                 "test_sharding", "test_rl_learning", "test_launch", "test_qwen3_5",
                 "test_recompile"}
 SLOW_TESTS = {
-    "test_train": ("tiny_run", "sigkill", "bfloat16", "grad_accumulation", "bad_config"),
+    "test_train": ("tiny_run", "sigkill", "bfloat16", "grad_accumulation", "bad_config",
+                   "prompt_lm"),
     "test_lora": ("lora_run", "train_step", "round_trips", "resume", "kl_reference",
                   "trains_and_writes", "qwen3_5_adapters"),
     "test_golden": ("trajectory", "logs_norms"),  # a tiny training run each

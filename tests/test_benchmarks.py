@@ -39,6 +39,7 @@ THEN = {
     "sweep": ["rollout.py", *TINY, "--repeats", "1", "--sweep", "group", "--sweep-values", "2,3",
               "--sweep-repeats", "1"],
     "hf_generate": ["hf_generate.py", *TINY, "--json"],
+    "profile_ops": ["profile_ops.py", *TINY, "--json"],
     # Qwen3.5 (every 4th layer attention, the others Gated DeltaNet): 2 layers = 2 DeltaNet.
     "rollout_qwen3_5": ["rollout.py", *TINY, "--layers", "4", "--arch", "qwen3_5",
                         "--linear-key-heads", "1", "--linear-value-heads", "2",
@@ -253,6 +254,23 @@ def test_rl_step_json(runs):
   assert tf["flops_ratio"] > 1
   # completion_logits (shared prefix) and forward on repeated prompts: same loss and grads.
   assert tf["loss_abs_diff"] < 1e-5 and tf["grad_max_abs_diff"] < 1e-5
+
+
+def test_profile_ops_attributes_the_traced_ops(runs):
+  """profile_ops.py: the trace's op times are attributed to kinds that add up, the
+  matmuls to llama.py's projection lines, and the RL step's to its named stages."""
+  d = _json_line(runs("profile_ops"))
+  for program in ("rollout", "rl_step"):
+    s = d[program]
+    _positive(s, "wall_ms", "thread_ms", "busy_ms", "ops_per_call")
+    assert s["busy_ms"] <= s["thread_ms"] * 1.001  # overlap only shrinks the union
+    assert sum(s["kinds_ms"].values()) == pytest.approx(s["thread_ms"], rel=1e-6)
+    assert s["kinds_ms"]["matmul"] > 0
+    matmul_sources = {src for kind, src, _ in s["sources_ms"] if kind == "matmul"}
+    assert any(src.startswith("models/llama.py:") for src in matmul_sources), s["sources_ms"]
+  stages = d["rl_step"]["stages_ms"]
+  assert stages["rollout"] > 0 and stages["update"] > 0, stages
+  assert d["rl_step"]["inner_steps"] >= 1
 
 
 def test_rollout_json_qwen3_5(runs):

@@ -259,13 +259,15 @@ def _state(params, optimizer):
 
 
 @functools.lru_cache(maxsize=None)
-def _sft_run(grad_accum: int, dtype: str = "float32", optimizer=SGD_SFT):
+def _sft_run(grad_accum: int, dtype: str = "float32", optimizer=SGD_SFT,
+             prompt_lm_weight: float = 0.0):
   """(new TrainState, metrics) of one steps.sft_step on the tiny problem."""
   cfg, layout, batch, params = _tiny_problem()
   cfg = dataclasses.replace(cfg, dtype=dtype)
   options = FAST_COMPILE if dtype == "float32" else BF16_COMPILE
   return _fast(steps_lib.sft_step, _state(params, optimizer), batch, jax.random.key(1), cfg=cfg,
-               layout=layout, optimizer=optimizer, grad_accum=grad_accum, options=options)
+               layout=layout, optimizer=optimizer, grad_accum=grad_accum, options=options,
+               prompt_lm_weight=prompt_lm_weight)
 
 
 def _random_rollouts(layout, batch, G, rng):
@@ -320,6 +322,35 @@ def test_sft_grad_accumulation_matches_full_batch():
   for n in (2,):  # 4 microbatches: the RL test below
     out = _sft_run(n)
     _assert_same_update((out[0].params, out[1]), (ref[0].params, ref[1]), f"sft grad_accum={n}")
+
+
+def test_sft_prompt_lm_loss_adds_the_prompts_next_token_nll():
+  """sft.prompt_lm_weight: loss = gold-sequence NLL + w x the prompt's next-token NLL,
+  the latter equal to a plain numpy count over the real (non-padding) token pairs, and
+  the same with 2 microbatches (the pair count is the whole batch's)."""
+  cfg, _, batch, params = _tiny_problem()
+  w = 0.5
+  ref_state, ref = _sft_run(1)
+  state, m = _sft_run(1, prompt_lm_weight=w)
+  logits = np.asarray(llama.forward(params, batch["prompt"], cfg, batch["prompt_mask"]),
+                      np.float64)
+  prompt, mask = np.asarray(batch["prompt"]), np.asarray(batch["prompt_mask"])
+  total, pairs = 0.0, 0
+  for b in range(prompt.shape[0]):
+    for p in range(prompt.shape[1] - 1):
+      if mask[b, p] and mask[b, p + 1]:
+        row = logits[b, p]
+        total += np.log(np.exp(row - row.max()).sum()) + row.max() - row[prompt[b, p + 1]]
+        pairs += 1
+  assert pairs == mask.size - mask.shape[0] - 2  # row 1 has two padding slots
+  np.testing.assert_allclose(float(m["nll_prompt"]), total / pairs, rtol=1e-5)
+  np.testing.assert_allclose(float(m["loss"]), float(ref["loss"]) + w * total / pairs, rtol=1e-5)
+  assert "nll_prompt" not in ref
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)))
+  assert moved > 1e-4  # the auxiliary loss has a gradient
+  accum = _sft_run(2, prompt_lm_weight=w)
+  _assert_same_update((accum[0].params, accum[1]), (state.params, m), "sft prompt_lm grad_accum=2")
 
 
 def test_rl_grad_accumulation_matches_full_batch():
