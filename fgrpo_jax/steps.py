@@ -193,6 +193,27 @@ def accumulated_value_and_grad(loss_fn, params, data, n: int):
   return total
 
 
+def repeated_updates(value_and_grad, params, opt_state, optimizer, n: int):
+  """n optimizer updates in a row -> (params, opt_state, metrics of each update [n]).
+
+  value_and_grad(params) -> ((loss, aux dict), grads) at the current params. The
+  updates run as one lax.scan, so the forward/backward pass is compiled once whatever
+  n is (an unrolled loop compiled n copies: rl.inner_steps PPO-style epochs and the
+  SFT baselines' matching updates). Each update's metrics: loss, grad_norm,
+  update_norm and the aux entries.
+  """
+  def update(carry, _):
+    params, opt_state = carry
+    (loss, aux), grads = value_and_grad(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "update_norm": optax.tree.norm(updates), **aux}
+    return (optax.apply_updates(params, updates), opt_state), metrics
+
+  (params, opt_state), metrics = jax.lax.scan(update, (params, opt_state), length=n)
+  return params, opt_state, metrics
+
+
 def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
                supervise="relevant", slate_order="random",
                phases=(R.PHASE_GEN, R.PHASE_RANK), grad_accum: int = 1, frozen=None,
@@ -250,13 +271,10 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
 
   data = {**model_inputs(batch), "choices": choices, "phase_ids": phase_ids}
   with jax.named_scope("update"):
-    for i in range(inner_steps):
-      (loss, aux), grads = accumulated_value_and_grad(loss_fn, params, data, grad_accum)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      if i == 0:
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "update_norm": optax.tree.norm(updates), **aux}
-      params = optax.apply_updates(params, updates)
+    params, opt_state, each = repeated_updates(
+        lambda p: accumulated_value_and_grad(loss_fn, p, data, grad_accum), params, opt_state,
+        optimizer, inner_steps)
+  metrics = jax.tree.map(lambda x: x[0], each)
   metrics["param_norm"] = optax.tree.norm(params)
   return params, opt_state, metrics
 
@@ -415,28 +433,31 @@ def policy_update(params, opt_state, mb, ro: rollout_lib.Rollout, token_adv, gro
     aux["entropy"] = jnp.sum(ent * trained) / jnp.maximum(counts[-1], 1)
     return loss, aux
 
-  def phase_grad_norm(phase):
+  def phase_grad_norms():
     # The surrogate is linear in the advantages: zeroing them off one phase's tokens
-    # leaves that phase's part of the loss (the KL term is not part of either).
-    rows = {**data, "adv": jnp.where(ro.phase_ids == phase, token_adv, 0.0)}
-    rows.pop("ref_lp", None)
-    _, g = accumulated_value_and_grad(loss_fn, params, rows, s.grad_accum)
-    return optax.tree.norm(g)
+    # leaves that phase's part of the loss (the KL term is not part of either). Both
+    # phases in one vmapped backward pass (compiled once, not twice).
+    rows = {k: v for k, v in data.items() if k != "ref_lp"}
+
+    def norm(phase):
+      adv = jnp.where(ro.phase_ids == phase, token_adv, 0.0)
+      _, g = accumulated_value_and_grad(loss_fn, params, {**rows, "adv": adv}, s.grad_accum)
+      return optax.tree.norm(g)
+    return tuple(jax.vmap(norm)(jnp.asarray([R.PHASE_GEN, R.PHASE_RANK])))
 
   with jax.named_scope("update"):
-    for i in range(s.inner_steps):  # a few static PPO-style epochs on the same rollouts
-      (loss, aux), grads = accumulated_value_and_grad(loss_fn, params, data, s.grad_accum)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      if i == 0:
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "update_norm": optax.tree.norm(updates), **aux}
-        if diagnose is not None:  # two extra backward passes, only on logged steps
-          metrics["grad_norm_gen"], metrics["grad_norm_rank"] = jax.lax.cond(
-              diagnose, lambda: (phase_grad_norm(R.PHASE_GEN), phase_grad_norm(R.PHASE_RANK)),
-              lambda: (jnp.zeros(()), jnp.zeros(())))
-      params = optax.apply_updates(params, updates)
+    diagnostics = {}
+    if diagnose is not None:  # at the params before the first update, only on logged steps
+      diagnostics["grad_norm_gen"], diagnostics["grad_norm_rank"] = jax.lax.cond(
+          diagnose, phase_grad_norms, lambda: (jnp.zeros(()), jnp.zeros(())))
+    # s.inner_steps static PPO-style epochs on the same rollouts.
+    params, opt_state, each = repeated_updates(
+        lambda p: accumulated_value_and_grad(loss_fn, p, data, s.grad_accum), params,
+        opt_state, optimizer, s.inner_steps)
+  metrics = {**jax.tree.map(lambda x: x[0], each), **diagnostics}
   metrics["param_norm"] = optax.tree.norm(params)
-  metrics["clip_frac"], metrics["approx_kl_old"] = aux["clip_frac"], aux["approx_kl_old"]
+  # Where the ratio is no longer 1: the last update's clip fraction and drift.
+  metrics["clip_frac"], metrics["approx_kl_old"] = each["clip_frac"][-1], each["approx_kl_old"][-1]
   return params, opt_state, metrics
 
 

@@ -316,6 +316,35 @@ def _assert_same_update(out, ref, what):
   print(f"{what}: loss rel diff {d_loss:.1e}, max param diff {d_par:.1e}")
 
 
+def test_repeated_updates_match_a_python_loop_of_updates():
+  """steps.repeated_updates (one lax.scan) = n optimizer steps written out in Python, with
+  each step's metrics at the params it started from."""
+  target = jnp.asarray([1.0, -2.0, 3.0])
+
+  def value_and_grad(p):
+    loss, g = jax.value_and_grad(lambda q: jnp.sum((q["w"] - target) ** 2))(p)
+    return (loss, {"w0": p["w"][0]}), g
+
+  optimizer = optax.adam(0.1)
+  p0 = {"w": jnp.zeros(3)}
+  params, opt_state, each = jax.jit(functools.partial(
+      steps_lib.repeated_updates, value_and_grad, optimizer=optimizer, n=3))(
+          p0, optimizer.init(p0))
+  p, o, losses, w0 = p0, optimizer.init(p0), [], []
+  for _ in range(3):
+    (loss, aux), g = value_and_grad(p)
+    updates, o = optimizer.update(g, o, p)
+    losses.append(float(loss))
+    w0.append(float(aux["w0"]))
+    p = optax.apply_updates(p, updates)
+  np.testing.assert_allclose(params["w"], p["w"], rtol=1e-6)
+  np.testing.assert_allclose(each["loss"], losses, rtol=1e-6)
+  np.testing.assert_allclose(each["w0"], w0, rtol=1e-6)
+  assert each["grad_norm"].shape == each["update_norm"].shape == (3,)
+  assert int(steps_lib.optimizer_updates(opt_state)) == 3
+  assert losses[0] > losses[-1]  # the three steps are distinct updates
+
+
 def test_sft_grad_accumulation_matches_full_batch():
   ref = _sft_run(1)
   assert float(ref[1]["grad_norm"]) > 0.1  # a real gradient
