@@ -2,6 +2,7 @@
 tokenizer) and for free decoding on them: the same prompts in constrained and free
 mode, teacher-forced log-probs, format penalties and one free-mode RL step."""
 
+import functools
 import re
 
 import jax
@@ -241,8 +242,8 @@ def test_free_sampler_logprobs_equal_teacher_forced(prompts, batch, model, tempe
   ro = rollout.sample(params, batch, jax.random.key(2), cfg=cfg, layout=free, group_size=4,
                       temperature=temperature)
   assert ro.tokens.shape == (2, 4, free.max_new_tokens)
-  lp, ent = rollout.rollout_logprobs(params, batch, ro, cfg=cfg, layout=free,
-                                     temperature=temperature)
+  lp, ent = jax.jit(functools.partial(rollout.rollout_logprobs, cfg=cfg, layout=free,
+                                     temperature=temperature))(params, batch, ro)
   np.testing.assert_allclose(lp, ro.logprobs, atol=1e-5, rtol=1e-5)
   live = np.asarray(ro.phase_ids) != R.PHASE_NONE
   assert live[..., 0].all() and np.all(np.asarray(ent)[live] > 0)

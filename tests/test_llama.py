@@ -31,19 +31,23 @@ def test_decode_with_cache_equals_full_forward(variant):
   prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, P)), jnp.int32)
   completion = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, G, T)), jnp.int32)
 
-  first, prefix = llama.prefill(params, prompt, cfg)
-  cache = llama.init_decode_cache(cfg, B, G, T)
-  step_logits = [jnp.broadcast_to(first[:, None], (B, G, cfg.vocab_size))]
-  for t in range(T - 1):
-    logits, cache = llama.decode_step(params, prefix, cache, completion[:, :, t], jnp.int32(t), cfg)
-    step_logits.append(logits)
-  cached = jnp.stack(step_logits, axis=2)  # [B, G, T, V]
+  @jax.jit  # one compile of the three paths, not one per eager op
+  def three_ways(params, prompt, completion):
+    first, prefix = llama.prefill(params, prompt, cfg)
+    cache = llama.init_decode_cache(cfg, B, G, T)
+    step_logits = [jnp.broadcast_to(first[:, None], (B, G, cfg.vocab_size))]
+    for t in range(T - 1):
+      logits, cache = llama.decode_step(params, prefix, cache, completion[:, :, t],
+                                        jnp.int32(t), cfg)
+      step_logits.append(logits)
+    cached = jnp.stack(step_logits, axis=2)  # [B, G, T, V]
+    full_tokens = jnp.concatenate(
+        [jnp.broadcast_to(prompt[:, None], (B, G, P)), completion], axis=-1).reshape(B * G, P + T)
+    full = llama.forward(params, full_tokens, cfg).reshape(B, G, P + T, -1)[:, :, P - 1:P + T - 1]
+    return cached, full, llama.completion_logits(params, prompt, None, completion, cfg)
 
-  full_tokens = jnp.concatenate(
-      [jnp.broadcast_to(prompt[:, None], (B, G, P)), completion], axis=-1).reshape(B * G, P + T)
-  full = llama.forward(params, full_tokens, cfg).reshape(B, G, P + T, -1)[:, :, P - 1:P + T - 1]
+  cached, full, shared = three_ways(params, prompt, completion)
   np.testing.assert_allclose(cached, full, atol=1e-4, rtol=1e-4)
-  shared = llama.completion_logits(params, prompt, None, completion, cfg)
   np.testing.assert_allclose(shared, full, atol=1e-4, rtol=1e-4)
 
 
@@ -108,8 +112,8 @@ def test_prefix_sharing_gradients_equal_repeated_prompt():
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits), completion[..., None], -1)[..., 0]
     return jnp.sum(lp * weights)
 
-  la, ga = jax.value_and_grad(shared_loss)(params)
-  lb, gb = jax.value_and_grad(repeated_loss)(params)
+  la, ga = jax.jit(jax.value_and_grad(shared_loss))(params)  # jitted: one compile, not one per op
+  lb, gb = jax.jit(jax.value_and_grad(repeated_loss))(params)
   np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-4)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)

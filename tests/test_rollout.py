@@ -1,5 +1,7 @@
 """Tests for fgrpo_jax/rollout.py: constrained two-phase sampling and teacher forcing."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,8 +49,9 @@ def test_sampler_logprobs_equal_teacher_forced(temperature):
   params, batch = _params(), _batch()
   ro = rollout.sample(params, batch, jax.random.key(1), cfg=CFG, layout=LAYOUT, group_size=4,
                       temperature=temperature)
-  lp, ent = rollout.sequence_logprobs(params, batch, ro.choices, cfg=CFG, layout=LAYOUT,
-                                      temperature=temperature)
+  # Jitted: one compile instead of one per eager op.
+  lp, ent = jax.jit(functools.partial(rollout.sequence_logprobs, cfg=CFG, layout=LAYOUT,
+                                      temperature=temperature))(params, batch, ro.choices)
   np.testing.assert_allclose(ro.logprobs, lp, atol=1e-5, rtol=1e-5)
   tags = np.asarray(ro.phase_ids) == R.PHASE_TAG
   assert np.all(np.asarray(ro.logprobs)[tags] == 0)
