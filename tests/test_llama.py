@@ -65,16 +65,23 @@ def test_column_logits_equal_gathered_full_logits(tied):
                                   for _ in range(B)]), jnp.int32)
   gather = lambda full: jnp.take_along_axis(
       full, columns.reshape((B,) + (1,) * (full.ndim - 2) + (C,)), axis=-1)
-  full_first, prefix = llama.prefill(params, prompt, cfg)
-  sub_first, _ = llama.prefill(params, prompt, cfg, columns=columns)
+
+  @jax.jit  # one compile, not one per eager op
+  def both_ways(params, prompt, completion, columns):
+    full_first, prefix = llama.prefill(params, prompt, cfg)
+    sub_first, _ = llama.prefill(params, prompt, cfg, columns=columns)
+    cache = llama.init_decode_cache(cfg, B, G, T)
+    token, t0 = completion[:, :, 0], jnp.int32(0)
+    full_step, _ = llama.decode_step(params, prefix, cache, token, t0, cfg)
+    sub_step, _ = llama.decode_step(params, prefix, cache, token, t0, cfg, columns=columns)
+    full = llama.completion_logits(params, prompt, None, completion, cfg)
+    sub = llama.completion_logits(params, prompt, None, completion, cfg, columns=columns)
+    return full_first, sub_first, full_step, sub_step, full, sub
+
+  full_first, sub_first, full_step, sub_step, full, sub = both_ways(params, prompt, completion,
+                                                                    columns)
   np.testing.assert_allclose(sub_first, gather(full_first), atol=1e-5, rtol=1e-5)
-  cache = llama.init_decode_cache(cfg, B, G, T)
-  full_step, _ = llama.decode_step(params, prefix, cache, completion[:, :, 0], jnp.int32(0), cfg)
-  sub_step, _ = llama.decode_step(params, prefix, cache, completion[:, :, 0], jnp.int32(0), cfg,
-                                  columns=columns)
   np.testing.assert_allclose(sub_step, gather(full_step), atol=1e-5, rtol=1e-5)
-  full = llama.completion_logits(params, prompt, None, completion, cfg)
-  sub = llama.completion_logits(params, prompt, None, completion, cfg, columns=columns)
   assert sub.shape == (B, G, T, C)
   np.testing.assert_allclose(sub, gather(full), atol=1e-5, rtol=1e-5)
 
@@ -86,9 +93,9 @@ def test_left_padding_matches_unpadded():
   completion = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 2, 4)), jnp.int32)
   padded = np.concatenate([np.zeros((1, 3), int), prompt], axis=1)
   mask = np.concatenate([np.zeros((1, 3), bool), np.ones((1, 6), bool)], axis=1)
-  a = llama.completion_logits(params, jnp.asarray(prompt, jnp.int32), None, completion, CFG)
-  b = llama.completion_logits(params, jnp.asarray(padded, jnp.int32), jnp.asarray(mask),
-                              completion, CFG)
+  logits = jax.jit(lambda p, x, m: llama.completion_logits(p, x, m, completion, CFG))
+  a = logits(params, jnp.asarray(prompt, jnp.int32), None)
+  b = logits(params, jnp.asarray(padded, jnp.int32), jnp.asarray(mask))
   np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -123,7 +130,7 @@ def test_remat_gives_same_gradients():
   cfg = llama.ModelConfig(**{**CFG.__dict__, "remat": "full"})
   params = _params()
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 50, (2, 6)), jnp.int32)
-  f = lambda c: jax.grad(lambda p: llama.forward(p, tokens, c).sum())(params)
+  f = lambda c: jax.jit(jax.grad(lambda p: llama.forward(p, tokens, c).sum()))(params)
   for x, y in zip(jax.tree.leaves(f(CFG)), jax.tree.leaves(f(cfg))):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
 
