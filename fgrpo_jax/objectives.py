@@ -181,7 +181,6 @@ def sft_token_count(phase_ids, phases=(R.PHASE_GEN, R.PHASE_RANK)):
   return jnp.sum(jnp.isin(phase_ids, jnp.asarray(phases))).astype(jnp.float32)
 
 
-
 def prompt_lm_pairs(prompt_mask):
   """bool [B, P-1]: position p predicts token p+1 and both are real tokens."""
   return prompt_mask[:, :-1] & prompt_mask[:, 1:]

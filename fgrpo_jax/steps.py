@@ -249,7 +249,8 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   # Token counts of the whole batch: each microbatch's loss is its share of the mean.
   counts = {name: objectives.sft_token_count(phase_ids, p) for name, p in
             (("loss", phases), ("gen", (R.PHASE_GEN,)), ("rank", (R.PHASE_RANK,)))}
-  counts["prompt"] = jnp.sum(objectives.prompt_lm_pairs(batch["prompt_mask"].astype(bool)))
+  if prompt_lm_weight:
+    counts["prompt"] = jnp.sum(objectives.prompt_lm_pairs(batch["prompt_mask"].astype(bool)))
 
   def loss_fn(params, rows):
     model = lora_lib.model_params(params, frozen)

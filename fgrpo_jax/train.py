@@ -83,7 +83,7 @@ def build_model(config, vocab_size: int, mesh, log=print):
   return cfg, adapters, lora_lib.Frozen(base, lcfg.scale)
 
 
-def _stage_step(stage: str, config, cfg, layout, optimizer):
+def stage_step(stage: str, config, cfg, layout, optimizer):
   """(jitted step, its static kwargs, whether it takes ref_params, log keys) of a stage."""
   alg = config.algorithm
   static = {"cfg": cfg, "layout": layout, "optimizer": optimizer}
@@ -156,7 +156,7 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
     opt_state = {r: sharding.init_opt_state(optimizer, p, mesh) for r, p in params.items()}
   else:
     opt_state = sharding.init_opt_state(optimizer, params, mesh)
-  step_fn, static, takes_ref, keys = _stage_step(stage, config, cfg, layout, optimizer)
+  step_fn, static, takes_ref, keys = stage_step(stage, config, cfg, layout, optimizer)
   ckpt = ckpt_lib.StageCheckpointer(os.path.join(workdir, "ckpt", stage),
                                     keep=config.ckpt_keep, every=config.ckpt_every)
   state = steps_lib.TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), rep))

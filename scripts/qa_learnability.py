@@ -78,14 +78,13 @@ def main():
                                     f"{v['slate_recall']:.3f}" for k, v in refs.items()))
   print("| step | nll_gen | nll_rank | nll_prompt | val hit@1 | val slate_recall | s |")
   print("|---|---|---|---|---|---|---|")
+  # The training loop's own SFT step and settings (every sft.* field of the config).
+  sft_step, static, _, _ = train.stage_step("sft", c, cfg, layout, optimizer)
   window, t0 = [], time.time()
   for step in range(args.steps):
     idx = arrays_lib.batch_indices(c.seed, 0, step, n, c.sft.batch_size)
     batch = arrays_lib.take_batch(arrays, idx)
-    state, m = steps_lib.sft_step(state, batch, jax.random.key(step), cfg=cfg, layout=layout,
-                                  optimizer=optimizer,
-                                  prompt_lm_weight=float(c.sft.prompt_lm_weight),
-                                  slate_order=c.sft.slate_order)
+    state, m = sft_step(state, batch, jax.random.key(step), **static)
     window.append((float(m["nll_gen"]), float(m["nll_rank"]),
                    float(m.get("nll_prompt", float("nan")))))
     last = step + 1 == args.steps
