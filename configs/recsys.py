@@ -89,6 +89,9 @@ def get_config(arg=None):
   c.model.mlp_hidden = 384  # SwiGLU inner width
   c.model.tie_embeddings = False  # share the input embedding with the output head
   c.model.rope_theta = 10000.0  # rotary base
+  c.model.init_std = 0.02  # std of the random init (residual outputs: / sqrt(2 L))
+  c.model.partial_rotary_factor = 1.0  # rotary on this fraction of each head's dims (rest: no position)
+  c.model.qk_norm = False  # RMS-normalise queries and keys per head (Qwen3 style)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (weights stay float32)
   c.model.remat = "none"  # rematerialise layers in backward: none | full
   c.model.hf_checkpoint = ""  # local Hugging Face checkpoint dir (its config.json sets the sizes)
@@ -129,6 +132,8 @@ def get_config(arg=None):
   c.sft.supervise = "relevant"  # loss on gold tokens naming relevant candidates | all
   c.sft.slate_order = "random"  # gold slate order: random | relevant_first
   c.sft.prompt_lm_weight = 0.0  # + this x next-token NLL of the prompt itself (0 = off)
+  # + this x per-slot relevance BCE read at each identifier's prompt position (0 = off)
+  c.sft.slot_relevance_weight = 0.0
   c.sft.init_from = ""  # workdir of an earlier run whose SFT params to reuse (skips SFT)
 
   c.rl = ml_collections.ConfigDict()

@@ -246,7 +246,10 @@ def model_config(config, vocab_size: int) -> llama.ModelConfig:
   return llama.ModelConfig(
       vocab_size=vocab_size, num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
       num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, mlp_hidden=m.mlp_hidden,
-      rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat)
+      rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat,
+      init_std=float(m.get("init_std", 0.02)),
+      partial_rotary_factor=float(m.get("partial_rotary_factor", 1.0)),
+      qk_norm=bool(m.get("qk_norm", False)))
 
 
 def pretrained_model_config(config, vocab_size: int) -> llama.ModelConfig:

@@ -196,3 +196,32 @@ def prompt_lm_loss(logits, prompt, prompt_mask, count=None):
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, prompt[:, 1:, None], -1)[..., 0]
   return _masked_mean(nll, prompt_lm_pairs(prompt_mask), count)
+
+
+def slot_positions(prompt, prompt_mask, cand_tokens):
+  """Where each pool slot's identifier stands in the prompt: its last occurrence.
+
+  prompt int32 [B, P], prompt_mask bool [B, P], cand_tokens int32 [B, C] ->
+  (positions int32 [B, C], present bool [B, C]); positions are 0 where absent.
+  """
+  eq = (prompt[:, :, None] == cand_tokens[:, None, :]) & prompt_mask[:, :, None]  # [B, P, C]
+  last = prompt.shape[1] - 1 - jnp.argmax(eq[:, ::-1], axis=1)
+  present = eq.any(axis=1)
+  return jnp.where(present, last, 0).astype(jnp.int32), present
+
+
+def slot_relevance_loss(slot_logits, positions, relevance, valid, count=None):
+  """Binary cross-entropy of "this slot is relevant" read at its identifier's position.
+
+  slot_logits f32 [B, P, C]: the logits of the C identifier tokens at every prompt
+  position (a causal forward with lm-head columns = cand_tokens); the score of slot j
+  is its own identifier's logit where that identifier stands (positions [B, C], from
+  `slot_positions`), so no new parameters: the position learns to vote for itself.
+  relevance [B, C] (> 0 = relevant); valid bool [B, C] (real slot, identifier
+  present). The mean over valid slots (count: their number in the whole batch).
+  """
+  # [b, 0, j] = slot_logits[b, positions[b, j], j]
+  score = jnp.take_along_axis(slot_logits, positions[:, None, :], axis=1)[:, 0]  # [B, C]
+  label = (relevance > 0).astype(jnp.float32)
+  bce = jnp.logaddexp(0.0, score) - label * score  # -log sigmoid(+-score)
+  return _masked_mean(bce, valid, count)

@@ -416,7 +416,7 @@ def choices_from_slate_ranking(slate, ranking, layout: Layout):
 
 
 def sequence_logprobs(params, batch, choices, *, cfg: llama.ModelConfig, layout: Layout,
-                      temperature: float = 1.0):
+                      temperature: float = 1.0, with_prompt: bool = False):
   """Teacher-forced constrained log-probs and entropies of given completions.
 
   choices int32 [B, G, T] (-1 at tags). Returns (logprobs f32 [B, G, T], entropy
@@ -424,20 +424,27 @@ def sequence_logprobs(params, batch, choices, *, cfg: llama.ModelConfig, layout:
   With a free layout (gold sequences for SFT) the same schedule is scored with
   full-vocabulary log-probs, the distribution free decoding samples from, at every
   position: the tags too, since free decoding writes them.
+  with_prompt (constrained layouts): also returns the candidate tokens' logits at
+  every prompt position, f32 [B, P, C], from the same forward pass.
   """
   tokens = tokens_from_choices(choices, batch["cand_tokens"], layout)
   if not layout.constrained:
+    if with_prompt:
+      raise ValueError("with_prompt needs a constrained layout")
     logits = decoder(cfg).completion_logits(params, batch["prompt"], batch["prompt_mask"],
                                             tokens, cfg)
     return _full_vocab_logprobs(logits, tokens, temperature)
   slot_logits = decoder(cfg).completion_logits(
       params, batch["prompt"], batch["prompt_mask"], tokens, cfg,
-      columns=batch["cand_tokens"])  # [B, G, T, C]
+      columns=batch["cand_tokens"], with_prompt=with_prompt)  # [B, G, T, C]
+  if with_prompt:
+    slot_logits, prompt_logits = slot_logits
   is_choice = choices >= 0
   allowed = allowed_masks(choices, layout, batch["pool_mask"][:, None])
   logp = _constrained_logprobs(slot_logits, allowed, temperature)  # [B, G, T, C]
   lp = jnp.take_along_axis(logp, jnp.maximum(choices, 0)[..., None], -1)[..., 0]
   probs = jnp.exp(logp)
   entropy = -jnp.sum(jnp.where(allowed, probs * logp, 0.0), axis=-1)
-  return jnp.where(is_choice, lp, 0.0), jnp.where(is_choice, entropy, 0.0)
+  out = jnp.where(is_choice, lp, 0.0), jnp.where(is_choice, entropy, 0.0)
+  return (*out, prompt_logits) if with_prompt else out
 

@@ -217,7 +217,8 @@ def repeated_updates(value_and_grad, params, opt_state, optimizer, n: int):
 def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
                supervise="relevant", slate_order="random",
                phases=(R.PHASE_GEN, R.PHASE_RANK), grad_accum: int = 1, frozen=None,
-               inner_steps: int = 1, prompt_lm_weight: float = 0.0):
+               inner_steps: int = 1, prompt_lm_weight: float = 0.0,
+               slot_relevance_weight: float = 0.0):
   """One teacher-forcing update on gold sequences (G = 1) -> (params, opt_state, metrics).
 
   batch: dict of [B, ...] arrays (data.arrays.BATCH_KEYS).
@@ -233,6 +234,9 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   prompt_lm_weight: > 0 adds that times the next-token NLL of the prompt itself
   (`objectives.prompt_lm_loss`): a dense signal (every prompt token) next to the few
   supervised choice tokens; the gold sequence's loss is unchanged.
+  slot_relevance_weight: > 0 adds that times a per-slot relevance loss read at each
+  identifier's position in the prompt (`objectives.slot_relevance_loss`): C labels
+  per example where the gold sequence has k + m pointers.
   """
   if not layout.constrained:
     phases = (*phases, R.PHASE_TAG)
@@ -251,11 +255,21 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
             (("loss", phases), ("gen", (R.PHASE_GEN,)), ("rank", (R.PHASE_RANK,)))}
   if prompt_lm_weight:
     counts["prompt"] = jnp.sum(objectives.prompt_lm_pairs(batch["prompt_mask"].astype(bool)))
+  data_extra = {}
+  if slot_relevance_weight:
+    positions, present = objectives.slot_positions(
+        batch["prompt"], batch["prompt_mask"].astype(bool), batch["cand_tokens"])
+    data_extra = {"slot_positions": positions,
+                  "slot_valid": present & batch["pool_mask"].astype(bool)}
+    counts["slots"] = jnp.sum(data_extra["slot_valid"]).astype(jnp.float32)
 
   def loss_fn(params, rows):
     model = lora_lib.model_params(params, frozen)
-    lp, _ = rollout_lib.sequence_logprobs(model, model_inputs(rows), rows["choices"], cfg=cfg,
-                                          layout=layout)
+    # The slot loss reads the prompt positions of the same forward pass when it can.
+    shared = bool(slot_relevance_weight) and layout.constrained
+    out = rollout_lib.sequence_logprobs(model, model_inputs(rows), rows["choices"], cfg=cfg,
+                                        layout=layout, with_prompt=shared)
+    lp = out[0]
     ids = rows["phase_ids"]
     loss = objectives.sft_loss(lp, ids, phases, counts["loss"])
     # Per-phase NLL of the supervised tokens, for the logs.
@@ -268,9 +282,19 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
       aux["nll_prompt"] = objectives.prompt_lm_loss(logits, rows["prompt"], mask,
                                                     counts["prompt"])
       loss = loss + prompt_lm_weight * aux["nll_prompt"]
+    if slot_relevance_weight:
+      slot_logits = out[2] if shared else decoder(cfg).prefill(
+          model, rows["prompt"], cfg, rows["prompt_mask"], all_logits=True,
+          columns=rows["cand_tokens"])[0]
+      aux["bce_slots"] = objectives.slot_relevance_loss(
+          slot_logits, rows["slot_positions"], rows["relevance"], rows["slot_valid"],
+          counts["slots"])
+      loss = loss + slot_relevance_weight * aux["bce_slots"]
     return loss, aux
 
-  data = {**model_inputs(batch), "choices": choices, "phase_ids": phase_ids}
+  data = {**model_inputs(batch), "choices": choices, "phase_ids": phase_ids, **data_extra}
+  if slot_relevance_weight:
+    data["relevance"] = batch["relevance"]
   with jax.named_scope("update"):
     params, opt_state, each = repeated_updates(
         lambda p: accumulated_value_and_grad(loss_fn, p, data, grad_accum), params, opt_state,
@@ -281,27 +305,29 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
 
 
 SFT_STATIC = ("cfg", "layout", "optimizer", "supervise", "slate_order", "grad_accum",
-              "inner_steps", "prompt_lm_weight")
+              "inner_steps", "prompt_lm_weight", "slot_relevance_weight")
 
 
 @functools.partial(jax.jit, static_argnames=SFT_STATIC, donate_argnums=0)
 def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise="relevant",
              slate_order="random", grad_accum=1, frozen=None, inner_steps=1,
-             prompt_lm_weight=0.0):
+             prompt_lm_weight=0.0, slot_relevance_weight=0.0):
   """SFT of the one policy that writes both phases (frozen: the LoRA base or None)."""
   params, opt_state, metrics = sft_update(state.params, state.opt_state, batch, key, cfg=cfg,
                                           layout=layout, optimizer=optimizer,
                                           supervise=supervise, slate_order=slate_order,
                                           grad_accum=grad_accum, frozen=frozen,
                                           inner_steps=inner_steps,
-                                          prompt_lm_weight=prompt_lm_weight)
+                                          prompt_lm_weight=prompt_lm_weight,
+                                          slot_relevance_weight=slot_relevance_weight)
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
 @functools.partial(jax.jit, static_argnames=SFT_STATIC, donate_argnums=0)
 def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
                        supervise="relevant", slate_order="random", grad_accum=1,
-                       frozen=None, inner_steps=1, prompt_lm_weight=0.0):
+                       frozen=None, inner_steps=1, prompt_lm_weight=0.0,
+                       slot_relevance_weight=0.0):
   """SFT of a decoupled pair: the selector on gold slates, the ranker on gold rankings."""
   out_p, out_o, metrics = {}, {}, {}
   for role, phases, half in (("selector", (R.PHASE_GEN,), True),
@@ -310,7 +336,7 @@ def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
         state.params[role], state.opt_state[role], _half(batch, half), key, cfg=cfg,
         layout=layout, optimizer=optimizer, supervise=supervise, slate_order=slate_order,
         phases=phases, grad_accum=grad_accum, frozen=frozen, inner_steps=inner_steps,
-        prompt_lm_weight=prompt_lm_weight)
+        prompt_lm_weight=prompt_lm_weight, slot_relevance_weight=slot_relevance_weight)
     metrics.update({f"{role}_{k}": v for k, v in m.items()})
   metrics["loss"] = metrics["selector_loss"] + metrics["ranker_loss"]
   metrics["grad_norm"] = metrics["selector_grad_norm"] + metrics["ranker_grad_norm"]

@@ -45,6 +45,15 @@ def mark_supporting(arrays):
   return dict(arrays, prompt=prompt)
 
 
+def symmetric_qk(params, cfg):
+  """k_proj of kv head g := q_proj of query head g * H / K (the group's first)."""
+  H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  q = params["layers"]["q_proj"]  # [L, h, H * D]
+  heads = [q[..., (g * (H // K)) * D:(g * (H // K) + 1) * D] for g in range(K)]
+  layers = dict(params["layers"], k_proj=jnp.concatenate(heads, axis=-1))
+  return dict(params, layers=layers)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--mode", choices=("plain", "marker"), default="plain")
@@ -53,6 +62,9 @@ def main():
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="a config field, e.g. data.max_hops=2 or model.num_layers=4")
   parser.add_argument("--cache_dir", default="/tmp/fgrpo_qa_cache")
+  parser.add_argument("--symmetric_qk", action="store_true",
+                      help="initialise each key head as the first query head of its group "
+                           "(q.k of a token with itself is then positive at init)")
   args = parser.parse_args()
   c = multihop_qa.get_config()
   for item in args.set:
@@ -70,14 +82,16 @@ def main():
   cfg = config_lib.model_config(c, task.vocab_size)
   optimizer = steps_lib.make_optimizer(c.optim, c.sft.lr, args.steps)
   params = llama.init_params(cfg, jax.random.key(c.seed))
+  if args.symmetric_qk:
+    params = symmetric_qk(params, cfg)
   state = steps_lib.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
   n = arrays["prompt"].shape[0]
   _, refs = train.reference_metrics(task, val, c)
   print(f"settings: {' '.join(args.set) or 'default'} | mode {args.mode} | validation "
         f"references: " + ", ".join(f"{k} hit@1 {v['hit@1']:.3f} slate_recall "
                                     f"{v['slate_recall']:.3f}" for k, v in refs.items()))
-  print("| step | nll_gen | nll_rank | nll_prompt | val hit@1 | val slate_recall | s |")
-  print("|---|---|---|---|---|---|---|")
+  print("| step | nll_gen | nll_rank | nll_prompt | bce_slots | val hit@1 | val slate_recall | s |")
+  print("|---|---|---|---|---|---|---|---|")
   # The training loop's own SFT step and settings (every sft.* field of the config).
   sft_step, static, _, _ = train.stage_step("sft", c, cfg, layout, optimizer)
   window, t0 = [], time.time()
@@ -86,10 +100,11 @@ def main():
     batch = arrays_lib.take_batch(arrays, idx)
     state, m = sft_step(state, batch, jax.random.key(step), **static)
     window.append((float(m["nll_gen"]), float(m["nll_rank"]),
-                   float(m.get("nll_prompt", float("nan")))))
+                   float(m.get("nll_prompt", float("nan"))),
+                   float(m.get("bce_slots", float("nan")))))
     last = step + 1 == args.steps
     if (step + 1) % 50 == 0 or last:
-      gen, rank, lm = np.mean(window, axis=0)
+      gen, rank, lm, slots = np.mean(window, axis=0)
       window = []
       if last or (args.eval_every and (step + 1) % args.eval_every == 0):
         e = evaluate.evaluate_model(state.params, val, cfg=cfg, layout=layout,
@@ -97,8 +112,8 @@ def main():
         ev = f"{e['hit@1']:.3f} | {e['slate_recall']:.3f}"
       else:
         ev = " | "
-      print(f"| {step + 1} | {gen:.3f} | {rank:.3f} | {lm:.3f} | {ev} | {time.time() - t0:.0f} |",
-            flush=True)
+      print(f"| {step + 1} | {gen:.3f} | {rank:.3f} | {lm:.3f} | {slots:.3f} | {ev} | "
+            f"{time.time() - t0:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

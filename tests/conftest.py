@@ -89,7 +89,7 @@ SLOW_MODULES = {"test_compare", "test_distributed", "test_llm_configs", "test_no
                 "test_recompile"}
 SLOW_TESTS = {
     "test_train": ("tiny_run", "sigkill", "bfloat16", "grad_accumulation", "bad_config",
-                   "prompt_lm"),
+                   "prompt_lm", "slot_relevance"),
     "test_lora": ("lora_run", "train_step", "round_trips", "resume", "kl_reference",
                   "trains_and_writes", "qwen3_5_adapters"),
     "test_golden": ("trajectory", "logs_norms"),  # a tiny training run each

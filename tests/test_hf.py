@@ -96,7 +96,7 @@ def _padded_forward(params, tokens, mask, cfg):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _completion_logits(params, prompt, mask, completion, cfg):
-  return decoder(cfg).completion_logits(params, prompt, mask, completion, cfg)
+  return decoder(cfg).completion_logits(params, prompt, mask, completion, cfg, with_prompt=True)
 
 
 @pytest.mark.parametrize("name, chunk", [("qwen3_5", 7), ("qwen3_5_tied", 64)])
@@ -114,12 +114,14 @@ def test_qwen3_5_left_padded_batch_matches_transformers(name, chunk):
   new, want = g["pad_new_tokens"], g["pad_step_logits"]
   steps = _cached_greedy(m, g["pad_input_ids"], new, mask, cfg)
   step_diff = float(np.abs(steps - want).max())
-  shared = _completion_logits(m.params, prompt, jnp.asarray(mask),
-                              jnp.asarray(np.stack([new, new], 1)), cfg=cfg)
+  shared, prompt_logits = _completion_logits(m.params, prompt, jnp.asarray(mask),
+                                             jnp.asarray(np.stack([new, new], 1)), cfg=cfg)
   shared_diff = float(np.abs(np.asarray(shared) - want[:, None]).max())
+  # The same pass's prompt logits (with_prompt) are the padded forward's.
+  prompt_diff = float(np.abs(np.asarray(prompt_logits) - g["pad_logits"])[mask].max())
   print(f"{name} chunk {chunk}: padded forward {diff:.2e}, cached greedy {step_diff:.2e}, "
-        f"shared prefix {shared_diff:.2e}")
-  assert max(diff, step_diff, shared_diff) <= TOL
+        f"shared prefix {shared_diff:.2e}, its prompt logits {prompt_diff:.2e}")
+  assert max(diff, step_diff, shared_diff, prompt_diff) <= TOL
   np.testing.assert_array_equal(steps.argmax(-1), new)
 
 

@@ -76,10 +76,17 @@ def test_column_logits_equal_gathered_full_logits(tied):
     sub_step, _ = llama.decode_step(params, prefix, cache, token, t0, cfg, columns=columns)
     full = llama.completion_logits(params, prompt, None, completion, cfg)
     sub = llama.completion_logits(params, prompt, None, completion, cfg, columns=columns)
-    return full_first, sub_first, full_step, sub_step, full, sub
+    # with_prompt: the same completion logits plus the prompt positions', one pass.
+    shared = llama.completion_logits(params, prompt, None, completion, cfg, columns=columns,
+                                     with_prompt=True)
+    return (full_first, sub_first, full_step, sub_step, full, sub, shared,
+            llama.forward(params, prompt, cfg))
 
-  full_first, sub_first, full_step, sub_step, full, sub = both_ways(params, prompt, completion,
-                                                                    columns)
+  (full_first, sub_first, full_step, sub_step, full, sub, (sub2, prompt_sub),
+   prompt_full) = both_ways(params, prompt, completion, columns)
+  np.testing.assert_allclose(sub2, sub, atol=1e-6, rtol=1e-6)
+  assert prompt_sub.shape == (B, P, C)
+  np.testing.assert_allclose(prompt_sub, gather(prompt_full), atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(sub_first, gather(full_first), atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(sub_step, gather(full_step), atol=1e-5, rtol=1e-5)
   assert sub.shape == (B, G, T, C)

@@ -14,6 +14,16 @@ from fgrpo_jax.errors import UserError
 from test_data_recsys_real import one_training_step
 
 FACT = re.compile(r"^the (\w+) of (\w+) is (\w+) \.$")
+TRIPLE = re.compile(r"^(\w+) (\w+) (\w+)$")  # passage_syntax="triple": "s r o"
+
+
+def fact(passage):
+  """(relation, subject, object) of a passage in either syntax."""
+  m = FACT.match(passage)
+  if m:
+    return m.groups()
+  s, r, o = TRIPLE.match(passage).groups()
+  return r, s, o
 
 
 def _examples(n=300, seed=0, **kw):
@@ -27,7 +37,7 @@ def solve(ex):
   *path_rev, start = ex.question.rstrip(" ?").split(" of ")
   facts = {}
   for j, p in enumerate(ex.passages):
-    r, s, o = FACT.match(p).groups()
+    r, s, o = fact(p)
     assert (s, r) not in facts  # one fact per (subject, relation) in a pool
     facts[(s, r)] = (j, o)
   entity, found = start, set()
@@ -37,8 +47,11 @@ def solve(ex):
   return found
 
 
-def test_chain_is_determined_by_the_prompt():
-  exs = _examples()
+@pytest.mark.parametrize("syntax", synthetic_qa.SYNTAXES)
+def test_chain_is_determined_by_the_prompt(syntax):
+  exs = _examples(passage_syntax=syntax)
+  words = {"sentence": 7, "triple": 3}[syntax]
+  assert all(len(p.split()) == words for e in exs for p in e.passages)
   hops = [sum(e.supporting) for e in exs]
   assert set(hops) == {2, 3, 4}
   shared = 0
@@ -46,11 +59,11 @@ def test_chain_is_determined_by_the_prompt():
     assert len(e.passages) == 20 and len(set(e.passages)) == 20
     assert solve(e) == {j for j, s in enumerate(e.supporting) if s}  # oracle recall 1
     chain_entities = {w for p, s in zip(e.passages, e.supporting) if s
-                      for w in FACT.match(p).groups()[1:]}
+                      for w in fact(p)[1:]}
     rels = set(e.question.rstrip(" ?").split(" of ")[:-1])
     for p, s in zip(e.passages, e.supporting):
       if not s:
-        r, subj, obj = FACT.match(p).groups()
+        r, subj, obj = fact(p)
         shared += bool({subj, obj} & chain_entities or r in rels)
   distractors = sum(20 - h for h in hops)
   assert shared / distractors > 0.8  # distractors share entities or relations with the chain
@@ -67,6 +80,10 @@ def test_bad_settings_are_user_errors():
     _examples(5, min_hops=3, max_hops=2)
   with pytest.raises(UserError, match="distractor_mix"):
     _examples(5, distractor_mix=[1.0, 0.0])
+  with pytest.raises(UserError, match="passage_syntax"):
+    _examples(5, passage_syntax="prose")
+  with pytest.raises(UserError, match="passage_len >= 7"):
+    _examples(5, passage_len=3)
 
 
 def test_default_prompts_and_references(tmp_path):

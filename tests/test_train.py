@@ -226,8 +226,11 @@ def _fast(jitted, *args, options=FAST_COMPILE, **static):
   return jitted.lower(*args, **static).compile(options)(*args)
 
 
-def _tiny_problem(B=8):
-  """A 1-layer model config with large random weights, a layout and B examples."""
+def _tiny_problem(B=8, with_identifiers=False):
+  """A 1-layer model config with large random weights, a layout and B examples.
+
+  with_identifiers: a longer prompt in which each candidate's identifier token stands
+  after a word (twice for some, one missing in row 3), as in the QA prompts."""
   cfg = llama.ModelConfig(vocab_size=64, num_layers=1, hidden=32, num_heads=4, num_kv_heads=2,
                           head_dim=8, mlp_hidden=64)
   layout = rollout.Layout(slate_size=4, rank_size=2, mid_tags=(60, 61), end_tags=(62,))
@@ -248,6 +251,14 @@ def _tiny_problem(B=8):
       "pool_mask": pool_mask,
       "relevance": rng.permuted(relevance, axis=1) * pool_mask,
   }
+  if with_identifiers:
+    words = rng.integers(0, 8, (B, 2 * C + 2)).astype(np.int32)  # never an identifier
+    words[:, 1:2 * C + 1:2] = batch["cand_tokens"]
+    words[:, -1] = batch["cand_tokens"][:, 0]  # slot 0's identifier twice: the last one counts
+    words[3, 3] = 7  # row 3: slot 1's identifier missing from the prompt
+    mask = np.ones(words.shape, bool)
+    mask[1, :2] = False
+    batch.update(prompt=words, prompt_mask=mask)
   params = llama.init_params(cfg, jax.random.key(0))
   params = jax.tree.map(lambda p: p * 4.0 if p.ndim > 1 else p, params)
   return cfg, layout, jax.tree.map(jnp.asarray, batch), params
@@ -260,14 +271,14 @@ def _state(params, optimizer):
 
 @functools.lru_cache(maxsize=None)
 def _sft_run(grad_accum: int, dtype: str = "float32", optimizer=SGD_SFT,
-             prompt_lm_weight: float = 0.0):
+             prompt_lm_weight: float = 0.0, slot_relevance_weight: float = 0.0):
   """(new TrainState, metrics) of one steps.sft_step on the tiny problem."""
-  cfg, layout, batch, params = _tiny_problem()
+  cfg, layout, batch, params = _tiny_problem(with_identifiers=bool(slot_relevance_weight))
   cfg = dataclasses.replace(cfg, dtype=dtype)
   options = FAST_COMPILE if dtype == "float32" else BF16_COMPILE
   return _fast(steps_lib.sft_step, _state(params, optimizer), batch, jax.random.key(1), cfg=cfg,
                layout=layout, optimizer=optimizer, grad_accum=grad_accum, options=options,
-               prompt_lm_weight=prompt_lm_weight)
+               prompt_lm_weight=prompt_lm_weight, slot_relevance_weight=slot_relevance_weight)
 
 
 def _random_rollouts(layout, batch, G, rng):
@@ -380,6 +391,43 @@ def test_sft_prompt_lm_loss_adds_the_prompts_next_token_nll():
   assert moved > 1e-4  # the auxiliary loss has a gradient
   accum = _sft_run(2, prompt_lm_weight=w)
   _assert_same_update((accum[0].params, accum[1]), (state.params, m), "sft prompt_lm grad_accum=2")
+
+
+def test_sft_slot_relevance_loss_is_a_bce_at_each_identifiers_last_position():
+  """sft.slot_relevance_weight: loss = gold-sequence NLL + w x the mean binary
+  cross-entropy of "slot j is relevant" with score = identifier j's own logit where
+  it last stands in the prompt, over real slots whose identifier is present; checked
+  against a plain numpy loop over full-vocabulary logits, and with 2 microbatches."""
+  cfg, layout, batch, params = _tiny_problem(with_identifiers=True)
+  w = 0.5
+  state, m = _sft_run(1, slot_relevance_weight=w)
+  logits = np.asarray(llama.forward(params, batch["prompt"], cfg, batch["prompt_mask"]),
+                      np.float64)
+  prompt, mask = np.asarray(batch["prompt"]), np.asarray(batch["prompt_mask"])
+  cand, pool = np.asarray(batch["cand_tokens"]), np.asarray(batch["pool_mask"])
+  rel = np.asarray(batch["relevance"])
+  total, slots = 0.0, 0
+  for b in range(prompt.shape[0]):
+    for j in range(cand.shape[1]):
+      where = [p for p in range(prompt.shape[1]) if mask[b, p] and prompt[b, p] == cand[b, j]]
+      if not pool[b, j] or not where:
+        continue
+      score = logits[b, where[-1], cand[b, j]]
+      y = float(rel[b, j] > 0)
+      total += -(y * np.log(1 / (1 + np.exp(-score))) + (1 - y) * np.log(1 / (1 + np.exp(score))))
+      slots += 1
+  assert slots == pool.sum() - 1  # the one missing identifier is left out
+  np.testing.assert_allclose(float(m["bce_slots"]), total / slots, rtol=1e-5)
+  # The gold-sequence part is the run without the auxiliary loss on the same prompts.
+  ref = _fast(steps_lib.sft_step, _state(params, SGD_SFT), batch, jax.random.key(1), cfg=cfg,
+              layout=layout, optimizer=SGD_SFT)
+  np.testing.assert_allclose(float(m["loss"]), float(ref[1]["loss"]) + w * total / slots,
+                             rtol=1e-5)
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(state.params), jax.tree.leaves(ref[0].params)))
+  assert moved > 1e-4  # the auxiliary loss has a gradient
+  accum = _sft_run(2, slot_relevance_weight=w)
+  _assert_same_update((accum[0].params, accum[1]), (state.params, m), "sft slot_relevance x2")
 
 
 def test_rl_grad_accumulation_matches_full_batch():

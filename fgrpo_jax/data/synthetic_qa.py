@@ -49,7 +49,8 @@ DEFAULTS = dict(num_entities=120, num_relations=8, min_hops=2, max_hops=4, num_t
                 num_validation=500, num_test=1000, distractor_mix=(0.3, 0.25, 0.35, 0.1),
                 pool_size=20, question_len=10, passage_len=7, max_prompt_len=0,
                 vocab_size=1000, min_word_frequency=1, question_first=False,
-                slot_after_passage=False)
+                slot_after_passage=False, passage_syntax="sentence")
+SYNTAXES = ("sentence", "triple")
 
 
 def entity_names(n: int, rng: np.random.Generator) -> list[str]:
@@ -64,13 +65,14 @@ def entity_names(n: int, rng: np.random.Generator) -> list[str]:
   return [syll[c // (s * s)] + syll[(c // s) % s] + syll[c % s] for c in codes]
 
 
-def _fact(r: str, s: str, o: str) -> str:
-  return f"the {r} of {s} is {o} ."
+def _fact(r: str, s: str, o: str, syntax: str = "sentence") -> str:
+  """One passage: "the r of s is o ." (sentence, 7 words) or "s r o" (triple, 3)."""
+  return f"{s} {r} {o}" if syntax == "triple" else f"the {r} of {s} is {o} ."
 
 
 def make_example(rng: random.Random, names: list[str], relations: list[str],
-                 hops: int, pool_size: int, mix: Sequence[float], ident: str
-                 ) -> qa.QAExample:
+                 hops: int, pool_size: int, mix: Sequence[float], ident: str,
+                 syntax: str = "sentence") -> qa.QAExample:
   ne = len(names)
   chain = rng.sample(range(ne), hops + 1)
   path = [rng.choice(relations) for _ in range(hops)]
@@ -119,7 +121,7 @@ def make_example(rng: random.Random, names: list[str], relations: list[str],
     used.add((s, r))
     facts.append((s, r, o))
   question = " of ".join(reversed(path)) + f" of {names[chain[0]]} ?"
-  passages = [_fact(r, names[s], names[o]) for s, r, o in facts]
+  passages = [_fact(r, names[s], names[o], syntax) for s, r, o in facts]
   supporting = [True] * hops + [False] * (pool_size - hops)
   return qa.QAExample(id=ident, question=question, passages=passages,
                                supporting=supporting)
@@ -138,10 +140,14 @@ def generate(settings: dict, seed: int) -> dict[str, list[qa.QAExample]]:
     raise UserError(f"config.data.num_relations must be in [1, {len(RELATIONS)}]")
   if s["num_entities"] < s["max_hops"] + 3:
     raise UserError(f"config.data.num_entities={s['num_entities']} is too small")
-  if s["question_len"] < 2 * s["max_hops"] + 2 or s["passage_len"] < 7:
+  if s["passage_syntax"] not in SYNTAXES:
+    raise UserError(f"config.data.passage_syntax={s['passage_syntax']!r} is not one of "
+                    f"{', '.join(SYNTAXES)}")
+  words = 3 if s["passage_syntax"] == "triple" else 7
+  if s["question_len"] < 2 * s["max_hops"] + 2 or s["passage_len"] < words:
     raise UserError("config.data.question_len must be >= 2 * max_hops + 2 and "
-                    "config.data.passage_len >= 7 (synthetic questions and passages would "
-                    "be cut)")
+                    f"config.data.passage_len >= {words} ({s['passage_syntax']} syntax; "
+                    "synthetic questions and passages would be cut)")
   mix = np.asarray(s["distractor_mix"], np.float64)
   if mix.shape != (len(DISTRACTOR_KINDS),) or (mix < 0).any() or mix.sum() <= 0:
     raise UserError("config.data.distractor_mix needs 4 non-negative weights "
@@ -158,7 +164,8 @@ def generate(settings: dict, seed: int) -> dict[str, list[qa.QAExample]]:
     n = int(s[f"num_{split}"])
     out[split] = [make_example(rng, names, relations,
                                rng.randint(s["min_hops"], s["max_hops"]),
-                               int(s["pool_size"]), mix, f"{split}-{i}")
+                               int(s["pool_size"]), mix, f"{split}-{i}",
+                               s["passage_syntax"])
                   for i in range(n)]
   return out
 
@@ -168,8 +175,9 @@ def settings_from_config(config) -> dict:
   s = {k: d.get(k, v) for k, v in DEFAULTS.items()}
   s["distractor_mix"] = [float(x) for x in s["distractor_mix"]]
   for k, v in s.items():
-    if k != "distractor_mix":
+    if k not in ("distractor_mix", "passage_syntax"):
       s[k] = bool(v) if isinstance(DEFAULTS[k], bool) else int(v)
+  s["passage_syntax"] = str(s["passage_syntax"])
   return s
 
 

@@ -465,17 +465,37 @@ def decode_step(params: Params, prefix: PrefixCache, cache: DecodeCache,
 
 
 def completion_logits(params: Params, prompt: jax.Array, prompt_mask: jax.Array | None,
-                      completion: jax.Array, cfg: ModelConfig, columns=None) -> jax.Array:
+                      completion: jax.Array, cfg: ModelConfig, columns=None,
+                      with_prompt: bool = False):
   """Teacher-forced logits of G completions per prompt, prompt computed once.
 
   prompt int32 [B, P]; completion int32 [B, G, T]. Returns f32 [B, G, T, V], where
   [:, :, t] is the distribution of completion token t (t = 0 comes from the
   prompt's last position, shared by the group); with columns int32 [B, C] only
   those token ids' logits, [B, G, T, C]. Gradients reach the prompt's keys and
-  values through every completion (prefix sharing).
+  values through every completion (prefix sharing). with_prompt: returns
+  (logits, the prompt's own logits [B, P, C or V]) from the same forward pass.
   """
+  return prompt_then_completion(prefill, _completion_rest, params, prompt, prompt_mask,
+                                completion, cfg, columns, with_prompt)
+
+
+def prompt_then_completion(prefill_fn, rest_fn, params, prompt, prompt_mask, completion, cfg,
+                           columns, with_prompt):
+  """completion_logits of a decoder module from its prefill and its `rest_fn(params,
+  prefix, first, completion, cfg, columns)` (the completion given the prompt's cache)."""
+  first, prefix = prefill_fn(params, prompt, cfg, prompt_mask, all_logits=with_prompt,
+                             columns=columns)
+  prompt_logits = first
+  if with_prompt:
+    first = first[:, -1]
+  logits = rest_fn(params, prefix, first, completion, cfg, columns)
+  return (logits, prompt_logits) if with_prompt else logits
+
+
+def _completion_rest(params, prefix: PrefixCache, first, completion, cfg, columns):
+  """completion_logits after the prompt: first [B, C or V] of the prompt's last position."""
   B, G, T = completion.shape
-  first, prefix = prefill(params, prompt, cfg, prompt_mask, columns=columns)
   if T == 1:
     return jnp.broadcast_to(first[:, None, None], (B, G, 1, first.shape[-1]))
   inputs = completion[:, :, :-1]  # token t-1 predicts token t

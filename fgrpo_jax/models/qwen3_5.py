@@ -487,13 +487,20 @@ def decode_step(params: Params, prefix: PrefixCache, cache: DecodeCache,
 
 
 def completion_logits(params: Params, prompt: jax.Array, prompt_mask: jax.Array | None,
-                      completion: jax.Array, cfg: ModelConfig, columns=None) -> jax.Array:
+                      completion: jax.Array, cfg: ModelConfig, columns=None,
+                      with_prompt: bool = False):
   """Teacher-forced logits of G completions per prompt, prompt computed once; as
-  `llama.completion_logits`. The DeltaNet layers run the chunked form over each
-  completion from the prompt's final conv window and state (gradients flow back into
-  the prompt through them, as through the prompt's keys in the attention layers)."""
+  `llama.completion_logits` (with_prompt too). The DeltaNet layers run the chunked
+  form over each completion from the prompt's final conv window and state (gradients
+  flow back into the prompt through them, as through the prompt's keys in the
+  attention layers)."""
+  return llama.prompt_then_completion(prefill, _completion_rest, params, prompt, prompt_mask,
+                                      completion, cfg, columns, with_prompt)
+
+
+def _completion_rest(params, prefix, first, completion, cfg, columns):
+  """completion_logits after the prompt: first [B, C or V] of the prompt's last position."""
   B, G, T = completion.shape
-  first, prefix = prefill(params, prompt, cfg, prompt_mask, columns=columns)
   first = jnp.broadcast_to(first[:, None, None], (B, G, 1, first.shape[-1]))
   if T == 1:
     return first
