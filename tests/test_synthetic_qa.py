@@ -147,6 +147,29 @@ def test_layout_fields_reach_the_prepared_prompts(tmp_path):
   assert words.endswith(" . [P20] <slate>"), words
 
 
+def test_smaller_training_pools_stay_small_and_solvable(tmp_path):
+  """data.train_min_pool_size: training pools of 3..C passages (uniformly; the rest of
+  the C slots empty, not topped up from other examples), validation and test of C; the
+  oracle is still exact on every pool."""
+  c = qa_config.get_config("tiny")
+  c.data.update(cache_dir=str(tmp_path), train_min_pool_size=4, passage_syntax="triple",
+                passage_len=3)
+  task = tasks.load_task(c, log=lambda s: None)
+  C = task.pool_size
+  sizes = task.splits["train"]["pool_mask"].sum(-1)
+  assert sizes.min() == 4 and sizes.max() == C and len(np.unique(sizes)) == C - 3
+  for split in ("validation", "test"):
+    assert (task.splits[split]["pool_mask"].sum(-1) == C).all()
+  train_ex = synthetic_qa.generate(synthetic_qa.settings_from_config(c), c.seed)["train"]
+  for ex, n in zip(train_ex, sizes):
+    assert len(ex.passages) == n
+    assert solve(ex) == {j for j, s in enumerate(ex.supporting) if s}
+  rel, mask = task.splits["train"]["relevance"], task.splits["train"]["pool_mask"]
+  assert not rel[~mask].any()  # empty slots are never relevant
+  with pytest.raises(UserError, match="train_min_pool_size"):
+    _examples(5, train_min_pool_size=3)  # not above max_hops = 4
+
+
 def test_one_training_step(tmp_path):
   c = qa_config.get_config("tiny")
   c.data.cache_dir = str(tmp_path)

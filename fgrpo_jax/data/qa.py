@@ -40,8 +40,11 @@ class QAExample:
 
 
 def make_pools(examples: Sequence[QAExample], pool_size: int, rng: np.random.Generator,
-               counts: dict, split: str):
-  """-> (passages [N][C] with None for slots that could not be filled, relevance [N, C])."""
+               counts: dict, split: str, top_up: bool = True):
+  """-> (passages [N][C] with None for slots that could not be filled, relevance [N, C]).
+
+  top_up: fill a short example's pool with passages of other examples (real data);
+  False leaves its extra slots empty (a synthetic example's pool size is deliberate)."""
   bank = [p for ex in examples for p in ex.passages]
   c = pool_size
   pools, rel = [], np.zeros((len(examples), c), np.float32)
@@ -55,7 +58,7 @@ def make_pools(examples: Sequence[QAExample], pool_size: int, rng: np.random.Gen
     if len(ex.passages) > c:
       trimmed += 1
     chosen = sup + dis
-    if len(chosen) < c:
+    if len(chosen) < c and top_up:
       topped += 1
       have = set(ex.passages)
       tries = 0
@@ -88,6 +91,7 @@ class QASettings:
   min_word_frequency: int
   question_first: bool = False  # prompt layout (text_prompts.QAPrompts)
   slot_after_passage: bool = False
+  top_up: bool = True  # fill short pools from other examples' passages (make_pools)
 
 
 def write_qa_cache(writer: cache_lib.CacheWriter, splits: dict[str, list[QAExample]],
@@ -97,7 +101,7 @@ def write_qa_cache(writer: cache_lib.CacheWriter, splits: dict[str, list[QAExamp
   counts = writer.counts
   pooled = {}
   for split in SPLITS:
-    pooled[split] = make_pools(splits[split], s.pool_size, rng, counts, split)
+    pooled[split] = make_pools(splits[split], s.pool_size, rng, counts, split, s.top_up)
   tok_dir = os.path.join(writer.dir, "tokenizer")
 
   def corpus():

@@ -49,7 +49,7 @@ DEFAULTS = dict(num_entities=120, num_relations=8, min_hops=2, max_hops=4, num_t
                 num_validation=500, num_test=1000, distractor_mix=(0.3, 0.25, 0.35, 0.1),
                 pool_size=20, question_len=10, passage_len=7, max_prompt_len=0,
                 vocab_size=1000, min_word_frequency=1, question_first=False,
-                slot_after_passage=False, passage_syntax="sentence")
+                slot_after_passage=False, passage_syntax="sentence", train_min_pool_size=0)
 SYNTAXES = ("sentence", "triple")
 
 
@@ -153,6 +153,10 @@ def generate(settings: dict, seed: int) -> dict[str, list[qa.QAExample]]:
     raise UserError("config.data.distractor_mix needs 4 non-negative weights "
                     f"({', '.join(DISTRACTOR_KINDS)})")
   mix = (mix / mix.sum()).tolist()
+  low = int(s["train_min_pool_size"]) or int(s["pool_size"])
+  if not s["max_hops"] < low <= s["pool_size"]:
+    raise UserError(f"config.data.train_min_pool_size={s['train_min_pool_size']} must be 0 "
+                    f"(off) or in (max_hops, pool_size] = ({s['max_hops']}, {s['pool_size']}]")
   ss = np.random.SeedSequence([seed, 777])
   world_ss, *split_ss = ss.spawn(4)
   world = np.random.default_rng(world_ss)
@@ -162,10 +166,13 @@ def generate(settings: dict, seed: int) -> dict[str, list[qa.QAExample]]:
   for split, sss in zip(("train", "validation", "test"), split_ss):
     rng = random.Random(int(sss.generate_state(1)[0]))
     n = int(s[f"num_{split}"])
+    # Training pools of train_min_pool_size..C passages (a mixture of easier
+    # questions); validation and test always have C.
+    sizes = (low, int(s["pool_size"])) if split == "train" else (int(s["pool_size"]),) * 2
     out[split] = [make_example(rng, names, relations,
                                rng.randint(s["min_hops"], s["max_hops"]),
-                               int(s["pool_size"]), mix, f"{split}-{i}",
-                               s["passage_syntax"])
+                               rng.randint(*sizes) if sizes[0] < sizes[1] else sizes[0],
+                               mix, f"{split}-{i}", s["passage_syntax"])
                   for i in range(n)]
   return out
 
@@ -189,7 +196,7 @@ def prepare(config, workdir: str | None = None, log=print) -> qa.PreparedQA:
                      passage_len=s["passage_len"], max_prompt_len=s["max_prompt_len"],
                      vocab_size=s["vocab_size"], min_word_frequency=s["min_word_frequency"],
                      question_first=s["question_first"],
-                     slot_after_passage=s["slot_after_passage"])
+                     slot_after_passage=s["slot_after_passage"], top_up=False)
 
   def build(writer):
     splits = generate(s, seed)
