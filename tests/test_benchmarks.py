@@ -40,6 +40,7 @@ THEN = {
               "--sweep-repeats", "1"],
     "hf_generate": ["hf_generate.py", *TINY, "--json"],
     "profile_ops": ["profile_ops.py", *TINY, "--json"],
+    "compile_time": ["compile_time.py", "--config", "tiny", "--fast-compile", "--json"],
     # Qwen3.5 (every 4th layer attention, the others Gated DeltaNet): 2 layers = 2 DeltaNet.
     "rollout_qwen3_5": ["rollout.py", *TINY, "--layers", "4", "--arch", "qwen3_5",
                         "--linear-key-heads", "1", "--linear-value-heads", "2",
@@ -254,6 +255,22 @@ def test_rl_step_json(runs):
   assert tf["flops_ratio"] > 1
   # completion_logits (shared prefix) and forward on repeated prompts: same loss and grads.
   assert tf["loss_abs_diff"] < 1e-5 and tf["grad_max_abs_diff"] < 1e-5
+
+
+def test_compile_time_times_each_program_of_a_config(runs):
+  """compile_time.py: trace + lower and XLA compile of the SFT and RL steps that
+  train.stage_step builds for configs/recsys.py:tiny, each in a fresh process."""
+  d = _json_line(runs("compile_time"))
+  assert d["config"] == "tiny" and d["fast_compile"] and d["repeats"] == 1
+  for program in ("sft", "rl"):
+    _positive(d, f"{program}_lower_s", f"{program}_compile_s")
+    assert d[f"{program}_compile_s_all"] == [round(d[f"{program}_compile_s"], 3)]
+
+
+def test_compile_time_flag_errors_are_one_line():
+  done = subprocess.run([sys.executable, str(BENCH / "compile_time.py"), "--programs", "rollout"],
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2 and "--programs takes sft,rl" in done.stderr
 
 
 def test_profile_ops_attributes_the_traced_ops(runs):
