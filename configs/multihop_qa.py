@@ -61,6 +61,7 @@ def get_config(arg=None):
   # synthetic: weights of distractor kinds: a later chain entity as subject, a path
   # relation about another subject, a chain entity (mostly the start) as object, random
   c.data.distractor_mix = (0.3, 0.25, 0.35, 0.1)
+  c.data.train_distractor_mix = ()  # synthetic: the training split's own weights (() = the same)
 
   # Task-specific settings; every other field is configs/recsys.py's.
   c.rollout.update(slate_size=5, rank_size=3)  # k >= max_hops; m ranked passages

@@ -69,6 +69,35 @@ def test_chain_is_determined_by_the_prompt(syntax):
   assert shared / distractors > 0.8  # distractors share entities or relations with the chain
 
 
+def _shared_fraction(exs):
+  """Fraction of distractors sharing an entity or a relation with the gold chain."""
+  shared = total = 0
+  for e in exs:
+    chain = {w for p, s in zip(e.passages, e.supporting) if s for w in fact(p)[1:]}
+    rels = set(e.question.rstrip(" ?").split(" of ")[:-1])
+    for p, s in zip(e.passages, e.supporting):
+      if not s:
+        r, subj, obj = fact(p)
+        shared += bool({subj, obj} & chain or r in rels)
+        total += 1
+  return shared / total
+
+
+def test_training_split_can_have_its_own_distractor_mix():
+  """data.train_distractor_mix: random-only distractors in training (few share the
+  chain's entities or relations by chance), the default mix in validation and test."""
+  s = synthetic_qa.settings_from_config(qa_config.get_config())
+  s.update(num_train=200, num_validation=200, num_test=1,
+           train_distractor_mix=[0.0, 0.0, 0.0, 1.0])
+  splits = synthetic_qa.generate(s, 0)
+  train_shared, val_shared = (_shared_fraction(splits[k]) for k in ("train", "validation"))
+  assert train_shared < 0.6 < 0.8 < val_shared, (train_shared, val_shared)
+  default = synthetic_qa.generate(dict(s, train_distractor_mix=[]), 0)
+  assert [e.passages for e in default["validation"]] == [e.passages for e in splits["validation"]]
+  with pytest.raises(UserError, match="train_distractor_mix"):
+    synthetic_qa.generate(dict(s, train_distractor_mix=[1.0]), 0)
+
+
 def test_generator_is_seeded():
   a, b, c = _examples(20, 0), _examples(20, 0), _examples(20, 1)
   assert [e.passages for e in a] == [e.passages for e in b]

@@ -49,7 +49,8 @@ DEFAULTS = dict(num_entities=120, num_relations=8, min_hops=2, max_hops=4, num_t
                 num_validation=500, num_test=1000, distractor_mix=(0.3, 0.25, 0.35, 0.1),
                 pool_size=20, question_len=10, passage_len=7, max_prompt_len=0,
                 vocab_size=1000, min_word_frequency=1, question_first=False,
-                slot_after_passage=False, passage_syntax="sentence", train_min_pool_size=0)
+                slot_after_passage=False, passage_syntax="sentence", train_min_pool_size=0,
+                train_distractor_mix=())
 SYNTAXES = ("sentence", "triple")
 
 
@@ -127,6 +128,15 @@ def make_example(rng: random.Random, names: list[str], relations: list[str],
                                supporting=supporting)
 
 
+def _mix(settings: dict, field: str) -> list[float]:
+  """The normalised distractor-kind weights of config.data.<field>."""
+  mix = np.asarray(settings[field], np.float64)
+  if mix.shape != (len(DISTRACTOR_KINDS),) or (mix < 0).any() or mix.sum() <= 0:
+    raise UserError(f"config.data.{field} needs 4 non-negative weights "
+                    f"({', '.join(DISTRACTOR_KINDS)})")
+  return (mix / mix.sum()).tolist()
+
+
 def generate(settings: dict, seed: int) -> dict[str, list[qa.QAExample]]:
   """The three splits of the synthetic task (independent seeded streams)."""
   s = settings
@@ -148,11 +158,9 @@ def generate(settings: dict, seed: int) -> dict[str, list[qa.QAExample]]:
     raise UserError("config.data.question_len must be >= 2 * max_hops + 2 and "
                     f"config.data.passage_len >= {words} ({s['passage_syntax']} syntax; "
                     "synthetic questions and passages would be cut)")
-  mix = np.asarray(s["distractor_mix"], np.float64)
-  if mix.shape != (len(DISTRACTOR_KINDS),) or (mix < 0).any() or mix.sum() <= 0:
-    raise UserError("config.data.distractor_mix needs 4 non-negative weights "
-                    f"({', '.join(DISTRACTOR_KINDS)})")
-  mix = (mix / mix.sum()).tolist()
+  mixes = {split: _mix(s, field) for split, field in (
+      ("train", "train_distractor_mix" if s["train_distractor_mix"] else "distractor_mix"),
+      ("validation", "distractor_mix"), ("test", "distractor_mix"))}
   low = int(s["train_min_pool_size"]) or int(s["pool_size"])
   if not s["max_hops"] < low <= s["pool_size"]:
     raise UserError(f"config.data.train_min_pool_size={s['train_min_pool_size']} must be 0 "
@@ -172,7 +180,7 @@ def generate(settings: dict, seed: int) -> dict[str, list[qa.QAExample]]:
     out[split] = [make_example(rng, names, relations,
                                rng.randint(s["min_hops"], s["max_hops"]),
                                rng.randint(*sizes) if sizes[0] < sizes[1] else sizes[0],
-                               mix, f"{split}-{i}", s["passage_syntax"])
+                               mixes[split], f"{split}-{i}", s["passage_syntax"])
                   for i in range(n)]
   return out
 
@@ -180,9 +188,10 @@ def generate(settings: dict, seed: int) -> dict[str, list[qa.QAExample]]:
 def settings_from_config(config) -> dict:
   d = config.data
   s = {k: d.get(k, v) for k, v in DEFAULTS.items()}
-  s["distractor_mix"] = [float(x) for x in s["distractor_mix"]]
+  for k in ("distractor_mix", "train_distractor_mix"):
+    s[k] = [float(x) for x in s[k]]
   for k, v in s.items():
-    if k not in ("distractor_mix", "passage_syntax"):
+    if k not in ("distractor_mix", "train_distractor_mix", "passage_syntax"):
       s[k] = bool(v) if isinstance(DEFAULTS[k], bool) else int(v)
   s["passage_syntax"] = str(s["passage_syntax"])
   return s
