@@ -38,8 +38,7 @@ def get_config(arg=None):
   c.data.question_len = 10  # question tokens kept in the prompt
   c.data.passage_len = 7  # tokens kept of each passage
   c.data.passage_syntax = "sentence"  # synthetic: "the r of s is o ." (sentence) | "s r o" (triple)
-  # synthetic: training pools of this many to pool_size passages, uniformly (0 = all C)
-  c.data.train_min_pool_size = 0
+  c.data.train_min_pool_size = 0  # synthetic: training pools of this many..C passages (0 = all C)
   c.data.max_prompt_len = 0  # fixed prompt length P (0 = 3 + question_len + C*(1+passage_len))
   c.data.question_first = False  # prompt layout: <q> question before the passages (else after)
   c.data.slot_after_passage = False  # prompt layout: identifier [Pi] after its passage (else before)
