@@ -54,6 +54,15 @@ def symmetric_qk(params, cfg):
   return dict(params, layers=layers)
 
 
+def curriculum_indices(order, seed: int, step: int, steps: int, batch_size: int):
+  """A batch drawn uniformly from the easiest c(t) * n examples of `order` (easiest
+  first), c(t) = min(1, sqrt(0.01 + 0.99 t / steps)): 10% at the start, all at `steps`."""
+  competence = min(1.0, float(np.sqrt(0.01 + 0.99 * step / steps)))
+  m = max(batch_size, int(np.ceil(competence * len(order))))
+  rng = np.random.default_rng([seed, step])
+  return order[rng.integers(0, min(m, len(order)), batch_size)]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--mode", choices=("plain", "marker"), default="plain")
@@ -62,6 +71,10 @@ def main():
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="a config field, e.g. data.max_hops=2 or model.num_layers=4")
   parser.add_argument("--cache_dir", default="/tmp/fgrpo_qa_cache")
+  parser.add_argument("--curriculum_steps", type=int, default=0,
+                      help="> 0: draw each batch from the easiest examples (fewest passages, "
+                           "then fewest hops), a fraction growing from 10%% to all of them "
+                           "over this many steps (competence schedule)")
   parser.add_argument("--symmetric_qk", action="store_true",
                       help="initialise each key head as the first query head of its group "
                            "(q.k of a token with itself is then positive at init)")
@@ -94,9 +107,15 @@ def main():
   print("|---|---|---|---|---|---|---|---|")
   # The training loop's own SFT step and settings (every sft.* field of the config).
   sft_step, static, _, _ = train.stage_step("sft", c, cfg, layout, optimizer)
+  # Examples from easiest to hardest: pool size, then the number of supporting passages.
+  order = np.lexsort((np.asarray(arrays["relevance"] > 0).sum(-1),
+                      np.asarray(arrays["pool_mask"]).sum(-1)))
   window, t0 = [], time.time()
   for step in range(args.steps):
-    idx = arrays_lib.batch_indices(c.seed, 0, step, n, c.sft.batch_size)
+    if args.curriculum_steps:
+      idx = curriculum_indices(order, c.seed, step, args.curriculum_steps, c.sft.batch_size)
+    else:
+      idx = arrays_lib.batch_indices(c.seed, 0, step, n, c.sft.batch_size)
     batch = arrays_lib.take_batch(arrays, idx)
     state, m = sft_step(state, batch, jax.random.key(step), **static)
     window.append((float(m["nll_gen"]), float(m["nll_rank"]),
