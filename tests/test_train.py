@@ -428,6 +428,11 @@ def test_sft_slot_relevance_loss_is_a_bce_at_each_identifiers_last_position():
   assert moved > 1e-4  # the auxiliary loss has a gradient
   accum = _sft_run(2, slot_relevance_weight=w)
   _assert_same_update((accum[0].params, accum[1]), (state.params, m), "sft slot_relevance x2")
+  # Free decoding (chat LLMs) reads the prompt logits from a separate forward: same loss.
+  free = rollout.with_budget(layout, constrained=False, max_new_tokens=layout.length + 2)
+  _, m_free = _fast(steps_lib.sft_step, _state(params, SGD_SFT), batch, jax.random.key(1),
+                    cfg=cfg, layout=free, optimizer=SGD_SFT, slot_relevance_weight=w)
+  np.testing.assert_allclose(float(m_free["bce_slots"]), total / slots, rtol=1e-5)
 
 
 def test_rl_grad_accumulation_matches_full_batch():
