@@ -35,14 +35,10 @@ import common  # noqa: E402  (benchmarks/common.py)
 from fgrpo_jax import config as config_lib  # noqa: E402
 from fgrpo_jax import steps as steps_lib  # noqa: E402
 from fgrpo_jax import train  # noqa: E402
+from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 
 PROGRAMS = ("sft", "rl")
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _batch(config, n: int, prompt_len: int, vocab: int, seed: int):
-  b = common.make_batch(n, prompt_len, int(config.data.pool_size), vocab, seed, relevance=True)
-  return {k: jnp.asarray(v) for k, v in b.items()}
 
 
 def compile_one(config, program: str, prompt_len: int, fast: bool) -> dict[str, float]:
@@ -50,15 +46,15 @@ def compile_one(config, program: str, prompt_len: int, fast: bool) -> dict[str, 
   vocab = 1000
   cfg = config_lib.model_config(config, vocab)
   layout = common.layout(config.rollout.slate_size, config.rollout.rank_size)
-  stage = "rl" if program == "rl" else "sft"
-  sizes = config_lib.stage_sizes(stage, config)
+  sizes = config_lib.stage_sizes(program, config)  # program = stage: "sft" | "rl"
   optimizer = steps_lib.make_optimizer(config.optim, sizes.lr, sizes.updates)
-  fn, static, takes_ref, _ = train.stage_step(stage, config, cfg, layout, optimizer)
+  fn, static, takes_ref, _ = train.stage_step(program, config, cfg, layout, optimizer)
   params = common.init_params(cfg, config.seed)
   state = steps_lib.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-  rows = config.rl.batch_prompts if program == "rl" else config.sft.batch_size
-  args = [state] + ([params] if takes_ref else []) + [
-      _batch(config, rows, prompt_len, vocab, config.seed), jax.random.key(0)]
+  batch = arrays_lib.device_batch(common.make_batch(
+      sizes.batch_size, prompt_len, int(config.data.pool_size), vocab, config.seed,
+      relevance=True))
+  args = [state] + ([params] if takes_ref else []) + [batch, jax.random.key(0)]
   extra = {"diagnose": jnp.asarray(True)} if takes_ref else {}
   t0 = time.perf_counter()
   lowered = fn.lower(*args, **extra, **static)

@@ -255,18 +255,18 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
             (("loss", phases), ("gen", (R.PHASE_GEN,)), ("rank", (R.PHASE_RANK,)))}
   if prompt_lm_weight:
     counts["prompt"] = jnp.sum(objectives.prompt_lm_pairs(batch["prompt_mask"].astype(bool)))
-  data_extra = {}
+  slot_data = {}
   if slot_relevance_weight:
     positions, present = objectives.slot_positions(
         batch["prompt"], batch["prompt_mask"].astype(bool), batch["cand_tokens"])
-    data_extra = {"slot_positions": positions,
-                  "slot_valid": present & batch["pool_mask"].astype(bool)}
-    counts["slots"] = jnp.sum(data_extra["slot_valid"]).astype(jnp.float32)
+    slot_data = {"slot_positions": positions, "relevance": batch["relevance"],
+                 "slot_valid": present & batch["pool_mask"].astype(bool)}
+    counts["slots"] = jnp.sum(slot_data["slot_valid"]).astype(jnp.float32)
+  # The slot loss reads the prompt positions of the same forward pass when it can.
+  shared = bool(slot_relevance_weight) and layout.constrained
 
   def loss_fn(params, rows):
     model = lora_lib.model_params(params, frozen)
-    # The slot loss reads the prompt positions of the same forward pass when it can.
-    shared = bool(slot_relevance_weight) and layout.constrained
     out = rollout_lib.sequence_logprobs(model, model_inputs(rows), rows["choices"], cfg=cfg,
                                         layout=layout, with_prompt=shared)
     lp = out[0]
@@ -292,9 +292,7 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
       loss = loss + slot_relevance_weight * aux["bce_slots"]
     return loss, aux
 
-  data = {**model_inputs(batch), "choices": choices, "phase_ids": phase_ids, **data_extra}
-  if slot_relevance_weight:
-    data["relevance"] = batch["relevance"]
+  data = {**model_inputs(batch), "choices": choices, "phase_ids": phase_ids, **slot_data}
   with jax.named_scope("update"):
     params, opt_state, each = repeated_updates(
         lambda p: accumulated_value_and_grad(loss_fn, p, data, grad_accum), params, opt_state,

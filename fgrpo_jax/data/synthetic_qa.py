@@ -175,7 +175,8 @@ def generate(settings: dict, seed: int) -> dict[str, list[qa.QAExample]]:
     rng = random.Random(int(sss.generate_state(1)[0]))
     n = int(s[f"num_{split}"])
     # Training pools of train_min_pool_size..C passages (a mixture of easier
-    # questions); validation and test always have C.
+    # questions); validation and test always have C. A fixed size draws nothing, so
+    # the default keeps the generator's random stream (and its data) as before.
     sizes = (low, int(s["pool_size"])) if split == "train" else (int(s["pool_size"]),) * 2
     out[split] = [make_example(rng, names, relations,
                                rng.randint(s["min_hops"], s["max_hops"]),
