@@ -11,7 +11,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # tests compile the same tiny-config steps, and compiling is most of their time.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"fgrpo_jax_test_xla_cache_{os.getuid()}"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Every program is written (threshold 0): the tiny runs in subprocesses and the two
+# xdist workers compile many of the same small programs (cold-cache suite, idle 2-core
+# machine: 465 hits instead of 9, 597 s instead of 623 s).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Faster XLA:CPU compiles for the whole session (and the subprocesses tests start): the
 # suite is compile-bound (a cold-cache test_compare.py took 290 s with the default LLVM
 # optimisation, 184 s with these). The flags test_sharding, test_distributed,
