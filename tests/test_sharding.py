@@ -8,8 +8,9 @@ the differences as JSON. The pure spec/mesh logic is tested in-process.
 Checked on meshes data=8, fsdp=8 and data=2 x fsdp=2 x tensor=2 against one device:
 SFT and RL (clipped surrogate) losses and gradients, greedy rollouts, the parameter
 layout; on one mesh also a `steps.rl_step` on a sharded TrainState, the sharded init
-and the KV-cache layout. A second worker run does the same for a Qwen3.5 (a Gated DeltaNet and a gated-attention layer) on the mesh that
-splits all three axes, its conv window and recurrent state included in the cache layout.
+and the KV-cache layout. A second worker run does the same for a Qwen3.5 (a Gated
+DeltaNet and a gated-attention layer) on the mesh that splits all three axes, its conv
+window and recurrent state included in the cache layout.
 
 Tolerances (float32; sharding reorders reductions): losses 1e-5 relative + 1e-6
 absolute; gradients elementwise 1e-4 relative + 1e-5 absolute (the largest
