@@ -10,7 +10,8 @@ SFT and RL (clipped surrogate) losses and gradients, greedy rollouts, the parame
 layout; on one mesh also a `steps.rl_step` on a sharded TrainState, the sharded init
 and the KV-cache layout. A second worker run does the same for a Qwen3.5 (a Gated
 DeltaNet and a gated-attention layer) on the mesh that splits all three axes, its conv
-window and recurrent state included in the cache layout.
+window and recurrent state included in the cache layout, the sharded TrainState's layout
+checked without running a step (the step's sharding code is the Llama's).
 
 Tolerances (float32; sharding reorders reductions): losses 1e-5 relative + 1e-6
 absolute; gradients elementwise 1e-4 relative + 1e-5 absolute (the largest
@@ -190,8 +191,13 @@ def _worker(out_path: str, arch: str = "llama") -> None:
   results = {"reference": {"sft_loss": float(ref["sft_loss"]), "rl_loss": float(ref["rl_loss"]),
                            "clip_frac": float(ref["clip_frac"])},
              "meshes": {}}
-  _, ref_metrics = run_rl_step(fresh_state(params0), batch)
-  results["reference"]["rl_step_metrics"] = ref_metrics
+  # steps.rl_step runs on the Llama only: what it adds to the checks above (the state
+  # pinned across a step, Adam moments laid out like their params, metrics equal) is the
+  # same code for every architecture, and on Qwen3.5 it cost ~20 CPU s of compiles.
+  run_step = arch == "llama"
+  if run_step:
+    _, ref_metrics = run_rl_step(fresh_state(params0), batch)
+    results["reference"]["rl_step_metrics"] = ref_metrics
   results["reference"]["time_s"] = time.time() - t0
 
   for name, mesh_cfg in meshes.items():
@@ -218,12 +224,13 @@ def _worker(out_path: str, arch: str = "llama") -> None:
     }
     for k in ("sft_loss_abs", "rl_loss_abs"):
       r[k.replace("_abs", "_rel")] = r[k] / abs(results["reference"][k[:-4]])
-    if name == RL_STEP_MESH:  # one steps.rl_step on a sharded TrainState
+    if name == RL_STEP_MESH:  # a sharded TrainState (on the Llama, one rl_step on it)
       state = sharding.shard_train_state(fresh_state(params0), mesh)
       mu = state.opt_state[1][0].mu
       r["adam_mu_o_proj_spec"] = spec_json(mu["attn" if "attn" in mu else "layers"]["o_proj"]
                                            .sharding.spec)
       r["state_specs"] = specs(state)
+    if name == RL_STEP_MESH and run_step:
       step = sharding.pin_state_shardings(
           steps_lib.rl_step, sharding.train_state_shardings(state, mesh),
           static_argnames=("cfg", "layout", "optimizer", "settings"))
@@ -367,9 +374,10 @@ def test_qwen3_5_losses_grads_and_rollouts_match_one_device(sharded_qwen3_5, nam
   assert specs["attn"]["q_proj"] == [None, "fsdp", "tensor"]
 
 
-def test_qwen3_5_rl_step_init_and_cache_layout(sharded_qwen3_5):
-  test_rl_step_on_sharded_state_matches_unsharded(sharded_qwen3_5)
+def test_qwen3_5_state_layout_init_and_cache_layout(sharded_qwen3_5):
   r = sharded_qwen3_5["meshes"][QWEN3_5_INIT_MESH]
+  assert r["adam_mu_o_proj_spec"] == [None, "tensor", "fsdp"]  # the attention layer's
+  assert r["state_specs"][0] == r["param_specs"]
   assert r["init_specs"] == r["param_specs"]
   # One float32 ulp (1.2e-7 measured) between the sharded and the unsharded init.
   assert r["init_max_abs"] < 5e-7
