@@ -84,9 +84,9 @@ def algorithm_lrs(config) -> dict[str, float]:
 
 # Top-level config fields that cannot change a run's results, so a finished run is reused
 # whatever they hold (or whether its config had them): the comparison's own fields (seed
-# range, run list), the profiler switch and the name of the variant that built the config
-# (two ablation variants share their warm starts).
-NOT_RESULT_FIELDS = ("compare", "profile_steps", "variant")
+# range, run list), the profiler and TensorBoard switches and the name of the variant
+# that built the config (two ablation variants share their warm starts).
+NOT_RESULT_FIELDS = ("compare", "profile_steps", "tensorboard", "variant")
 
 
 def finished_run(config, workdir: str, log) -> dict | None:

@@ -135,7 +135,7 @@ def _lr_field(stage: str) -> str:
 # Fields that do not change what the checkpoints continue: evaluation, logging,
 # where things are written, the device layout.
 IGNORED_ON_RESUME = ("variant", "mode", "eval.", "log_every", "ckpt_every", "ckpt_keep",
-                     "profile_steps", "compare.", "mesh.", "data.cache_dir")
+                     "profile_steps", "tensorboard", "compare.", "mesh.", "data.cache_dir")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -346,7 +346,8 @@ def _run(config, workdir: str, log) -> dict:
   log(f"task {task.dataset}: {task.info} | model "
       f"{llama.count_params(decoder(cfg).param_shapes(cfg)) / 1e6:.2f}M params | devices "
       f"{jax.devices()}")
-  writer = logs.make_writer(workdir, log) if jax.process_index() == 0 else None
+  writer = (logs.make_writer(workdir, log)
+            if jax.process_index() == 0 and config.get("tensorboard", True) else None)
   if jax.process_index() == 0:  # what fgrpo_jax.export needs to rebuild the model
     guards.warn_config_changes(workdir, RUN_CONFIG, config, log)
     logs.write_json_atomic(os.path.join(workdir, RUN_CONFIG),
