@@ -171,9 +171,7 @@ def get_config(arg=None):
   c.mesh.tensor = 1  # tensor-parallel axis size (heads, MLP width, vocab)
 
   c.log_every = 10  # metrics every N steps
-  # TensorBoard event files in the workdir (imports TensorFlow: ~6 CPU s at start);
-  # False: metrics.jsonl and the console only.
-  c.tensorboard = True
+  c.tensorboard = True  # TensorBoard events (imports TensorFlow, ~6 CPU s); False: jsonl + console
   c.ckpt_every = 100  # Orbax checkpoint every N steps
   c.ckpt_keep = 2  # checkpoints kept per stage
   c.profile_steps = 0  # jax.profiler trace of N steps per stage into workdir/profile (0 = off)
