@@ -63,6 +63,16 @@ def curriculum_indices(order, seed: int, step: int, steps: int, batch_size: int)
   return order[rng.integers(0, min(m, len(order)), batch_size)]
 
 
+def bm25_difficulty(task, arrays) -> np.ndarray:
+  """[N] the number of distractors BM25 scores at or above the best supporting passage
+  (0: lexical overlap alone ranks a supporting passage first)."""
+  scores = np.asarray(task.reference_fns["bm25"](arrays), np.float64)
+  relevant = np.asarray(arrays["relevance"]) > 0
+  valid = np.asarray(arrays["pool_mask"]).astype(bool)
+  best_gold = np.where(relevant, scores, -np.inf).max(-1, keepdims=True)
+  return ((scores >= best_gold) & valid & ~relevant).sum(-1)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--mode", choices=("plain", "marker"), default="plain")
@@ -75,6 +85,11 @@ def main():
                       help="> 0: draw each batch from the easiest examples (fewest passages, "
                            "then fewest hops), a fraction growing from 10%% to all of them "
                            "over this many steps (competence schedule)")
+  parser.add_argument("--curriculum_by", choices=("size", "bm25"), default="size",
+                      help="what 'easiest' means for --curriculum_steps: fewest passages, "
+                           "then fewest hops (size); or fewest distractors that BM25 scores "
+                           "at or above the best supporting passage, then fewest passages "
+                           "(bm25: lexical matching suffices first)")
   parser.add_argument("--symmetric_qk", action="store_true",
                       help="initialise each key head as the first query head of its group "
                            "(q.k of a token with itself is then positive at init)")
@@ -107,9 +122,13 @@ def main():
   print("|---|---|---|---|---|---|---|---|")
   # The training loop's own SFT step and settings (every sft.* field of the config).
   sft_step, static, _, _ = train.stage_step("sft", c, cfg, layout, optimizer)
-  # Examples from easiest to hardest: pool size, then the number of supporting passages.
-  order = np.lexsort((np.asarray(arrays["relevance"] > 0).sum(-1),
-                      np.asarray(arrays["pool_mask"]).sum(-1)))
+  # Examples from easiest to hardest: pool size, then the number of supporting passages;
+  # or (bm25) how many distractors lexical overlap puts level with or above the gold.
+  pool_sizes = np.asarray(arrays["pool_mask"]).sum(-1)
+  if args.curriculum_by == "bm25":
+    order = np.lexsort((pool_sizes, bm25_difficulty(task, arrays)))
+  else:
+    order = np.lexsort((np.asarray(arrays["relevance"] > 0).sum(-1), pool_sizes))
   window, t0 = [], time.time()
   for step in range(args.steps):
     if args.curriculum_steps:
