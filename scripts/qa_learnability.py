@@ -73,6 +73,26 @@ def bm25_difficulty(task, arrays) -> np.ndarray:
   return ((scores >= best_gold) & valid & ~relevant).sum(-1)
 
 
+def same_vocabulary(warm_task, task, c) -> dict:
+  """The warm-up task's training split re-encoded with `task`'s tokenizer.
+
+  Each prepared task trains its word vocabulary on its own training split, so two
+  tasks with different distractor mixes give the same word different ids; without
+  this the warm-up rows would be in another language than validation.
+  """
+  tok = text_prompts.load_tokenizer(os.path.join(task.info["cache_dir"], "tokenizer"))
+  builder = text_prompts.QAPrompts(tok, c.data.pool_size, c.data.question_len,
+                                   c.data.passage_len, task.info["prompt_len"],
+                                   c.data.question_first, c.data.slot_after_passage)
+  arrays = dict(warm_task.splits["train"])
+  questions, passages = warm_task.texts(arrays)
+  built = builder.build(questions, [[p or None for p in row] for row in passages])
+  for k in ("prompt", "prompt_mask", "pool_mask", "cand_tokens"):
+    if k in arrays:
+      arrays[k] = built[k]
+  return arrays
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--mode", choices=("plain", "marker"), default="plain")
@@ -90,6 +110,13 @@ def main():
                            "then fewest hops (size); or fewest distractors that BM25 scores "
                            "at or above the best supporting passage, then fewest passages "
                            "(bm25: lexical matching suffices first)")
+  parser.add_argument("--warmup_set", action="append", default=[],
+                      help="FIELD=VALUE: a second training split built with this change too "
+                           "(e.g. data.train_distractor_mix=(0,0,0,1)); the share of each "
+                           "batch drawn from it falls linearly from 1 to 0 over "
+                           "--warmup_steps (a staircase between two training distributions)")
+  parser.add_argument("--warmup_steps", type=int, default=0,
+                      help="steps over which --warmup_set's split is annealed out")
   parser.add_argument("--symmetric_qk", action="store_true",
                       help="initialise each key head as the first query head of its group "
                            "(q.k of a token with itself is then positive at init)")
@@ -105,6 +132,16 @@ def main():
     if c.data.slot_after_passage:
       raise SystemExit("--mode=marker assumes identifiers before their passages")
     arrays = mark_supporting(arrays)
+  warm = None
+  if args.warmup_set:
+    cw = multihop_qa.get_config()
+    for item in args.set + args.warmup_set:
+      field, _, value = item.partition("=")
+      compare._set_field(cw, field, value)
+    cw.data.cache_dir = args.cache_dir
+    warm = same_vocabulary(tasks.load_task(cw, log=lambda s: None), task, c)
+    if {k: np.shape(v) for k, v in warm.items()} != {k: np.shape(v) for k, v in arrays.items()}:
+      raise SystemExit("--warmup_set must keep every array shape (pool size, lengths)")
   val = {k: v[:c.eval.val_examples] for k, v in task.splits["validation"].items()}
   layout = config_lib.make_layout(task, c)
   cfg = config_lib.model_config(c, task.vocab_size)
@@ -135,7 +172,15 @@ def main():
       idx = curriculum_indices(order, c.seed, step, args.curriculum_steps, c.sft.batch_size)
     else:
       idx = arrays_lib.batch_indices(c.seed, 0, step, n, c.sft.batch_size)
-    batch = arrays_lib.take_batch(arrays, idx)
+    batch = arrays_lib.host_batch(arrays, idx)
+    if warm is not None and step < args.warmup_steps:
+      # Rows from the warm-up split with probability 1 - step / warmup_steps.
+      share = 1.0 - step / args.warmup_steps
+      pick = np.random.default_rng([c.seed, step]).random(len(idx)) < share
+      warm_batch = arrays_lib.host_batch(warm, idx)
+      batch = {k: np.where(pick.reshape((-1,) + (1,) * (np.ndim(v) - 1)), warm_batch[k], v)
+               for k, v in batch.items()}
+    batch = arrays_lib.device_batch(batch)
     state, m = sft_step(state, batch, jax.random.key(step), **static)
     window.append((float(m["nll_gen"]), float(m["nll_rank"]),
                    float(m.get("nll_prompt", float("nan"))),
