@@ -38,7 +38,9 @@ from fgrpo_jax import train  # noqa: E402
 from fgrpo_jax.data import arrays as arrays_lib  # noqa: E402
 
 PROGRAMS = ("sft", "rl")
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# The test suite's fast-compile flags (tests/conftest.py FAST_COMPILE_FLAGS) as options.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                "xla_cpu_use_fusion_emitters": False}
 
 
 def compile_one(config, program: str, prompt_len: int, fast: bool) -> dict[str, float]:

@@ -17,11 +17,15 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Faster XLA:CPU compiles for the whole session (and the subprocesses tests start): the
 # suite is compile-bound (a cold-cache test_compare.py took 290 s with the default LLVM
-# optimisation, 184 s with these). The flags test_sharding, test_distributed,
-# test_rl_learning and test_train already compiled with. FGRPO_TEST_FULL_OPT=1 keeps the
-# default optimisation (e.g. to check a failure is not the flags').
+# optimisation, 184 s with these). FGRPO_TEST_FULL_OPT=1 keeps the default optimisation
+# (e.g. to check a failure is not the flags').
+# xla_cpu_use_fusion_emitters=false: the older loop emitters compile the tiny-config
+# steps 2-3x faster (benchmarks/compile_time.py --config tiny --fast-compile, 2026-12-07:
+# sft_step 3.1 -> 1.1 s, rl_step 6.2 -> 2.9 s). Every test and subprocess inherits these
+# flags through the environment; none sets its own.
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
-                      "--xla_llvm_disable_expensive_passes=true")
+                      "--xla_llvm_disable_expensive_passes=true",
+                      "--xla_cpu_use_fusion_emitters=false")
 if os.environ.get("FGRPO_TEST_FULL_OPT", "") in ("", "0"):
   _flags = os.environ.get("XLA_FLAGS", "").split()
   os.environ["XLA_FLAGS"] = " ".join(

@@ -35,8 +35,6 @@ TIMEOUT_S = 240  # per launch; a normal one takes ~10-30 s on 2 busy cores
 METRIC_ATOL = 1e-6
 CKPT_ATOL = 1e-5
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
-XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-             "--xla_force_host_platform_device_count={}")
 OVERRIDES = (
     "--config.model.num_layers=1", "--config.sft.steps=0", "--config.rl.steps=1",
     "--config.rl.inner_steps=1", "--config.eval.test_examples=32", "--config.eval.batch_size=16",
@@ -56,7 +54,11 @@ def _launch(workdir, num_processes: int, devices: int, *overrides):
   """Starts num_processes trainers (one jax.distributed job when > 1); returns
   [(returncode, stdout, stderr, pid)] by process id. Kills them all on a timeout."""
   base = {k: v for k, v in os.environ.items() if k not in MULTI_ENV}
-  base.update(JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS.format(devices))
+  # The session's fast-compile flags (tests/conftest.py) and this launch's device count.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  base.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+      [*flags, f"--xla_force_host_platform_device_count={devices}"]))
   port = _free_port()
   procs = []
   for i in range(num_processes):

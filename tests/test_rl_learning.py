@@ -32,9 +32,6 @@ from fgrpo_jax import steps as steps_lib
 from fgrpo_jax import train
 from fgrpo_jax.models import llama
 
-# XLA:CPU fast-compile options: each case compiles its own step (seconds, not ~10 s).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
 # The task: 8 prompts, pools of C = 8 candidate tokens drawn from ids 8..55, slate
 # k = 3, ranking m = 2. Token GOOD[0] has relevance 2 and GOOD[1] relevance 1 in every
 # pool that holds them (each pool holds both, at random slots); the rest 0. The best
@@ -91,7 +88,7 @@ def _train_rewards(algorithm, lr, settings=None):
   state = steps_lib.TrainState(params, opt_state, jnp.zeros((), jnp.int32))
   key = jax.random.key(1)
   compiled = step_fn.lower(state, None, batch, key, cfg=cfg, layout=layout, optimizer=optimizer,
-                           settings=settings).compile(FAST_COMPILE)
+                           settings=settings).compile()
   history = []
   for i in range(STEPS):
     state, metrics = compiled(state, None, batch, jax.random.fold_in(key, i))

@@ -47,8 +47,6 @@ INIT_MESH = RL_STEP_MESH
 # and checks the sharded init and cache layout there too.
 QWEN3_5_MESHES = (RL_STEP_MESH,)
 QWEN3_5_INIT_MESH = RL_STEP_MESH
-# Faster XLA:CPU compiles (the run is compile-bound); same flags for 1 and 8 devices.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 # ----------------------------------------------------------------------------
@@ -279,7 +277,8 @@ def _optim_config():
 def _run_worker(tmp_path_factory, arch: str):
   out = tmp_path_factory.mktemp("sharding") / "results.json"
   env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), FAST_COMPILE,
+  # The session's fast-compile flags (tests/conftest.py) and 8 devices.
+  env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""),
                                "--xla_force_host_platform_device_count=8"]).strip()
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
