@@ -1,14 +1,19 @@
-"""F-GRPO on multi-hop QA: rank the supporting passages of a pool of 20.
+"""F-GRPO on multi-hop QA: cover the supporting passages of a pool in the slate, rank one first.
 
     python -m fgrpo_jax.main --config=configs/multihop_qa.py --workdir=runs/qa
+    python -m fgrpo_jax.main --config=configs/multihop_qa.py:hard --workdir=runs/qa_hard
     python -m fgrpo_jax.main --config=configs/multihop_qa.py:tiny --workdir=/tmp/qa
     python -m fgrpo_jax.main --config=configs/multihop_qa.py:hotpotqa \
         --config.data.path=/data/hotpotqa --workdir=runs/hotpotqa
 
-Variants (the part after the colon): `default` (the embedded synthetic task,
-nothing to download; finishes on a 2-core CPU in under 15 minutes), `tiny`
-(seconds; used by the tests), and `hotpotqa`, `musique`, `2wiki` (the published
-datasets read from config.data.path; longer prompts, see docs/datasets.md).
+Variants (the part after the colon): `default` (the embedded synthetic task at the
+size the default 2-layer model learns within its budget: 1-2 hops, short triple
+passages; nothing to download; under 15 minutes on a 2-core CPU), `hard` (the
+paper-sized synthetic task, C = 20 and 2-4 hops in sentence syntax, with the
+training settings of the earlier default; not learned by the default model, see
+docs/experiments.md), `tiny` (seconds; used by the tests), and `hotpotqa`, `musique`,
+`2wiki` (the published datasets read from config.data.path; longer prompts, see
+docs/datasets.md).
 """
 
 import os
@@ -34,14 +39,14 @@ def get_config(arg=None):
   c.data.name = "synthetic_qa"  # synthetic_qa (embedded) | hotpotqa | musique | 2wiki
   c.data.path = ""  # folder of the downloaded files (unused by synthetic_qa)
   c.data.cache_dir = ""  # where prepared data is cached ("" = <workdir>/data_cache)
-  c.data.pool_size = 20  # C: passages per question (supporting + distractors)
-  c.data.question_len = 10  # question tokens kept in the prompt
-  c.data.passage_len = 7  # tokens kept of each passage
-  c.data.passage_syntax = "sentence"  # synthetic: "the r of s is o ." (sentence) | "s r o" (triple)
+  c.data.pool_size = 5  # C: passages per question (supporting + distractors)
+  c.data.question_len = 6  # question tokens kept in the prompt
+  c.data.passage_len = 3  # tokens kept of each passage
+  c.data.passage_syntax = "triple"  # synthetic: "the r of s is o ." (sentence) | "s r o" (triple)
   c.data.train_min_pool_size = 0  # synthetic: training pools of this many..C passages (0 = all C)
   c.data.max_prompt_len = 0  # fixed prompt length P (0 = 3 + question_len + C*(1+passage_len))
-  c.data.question_first = False  # prompt layout: <q> question before the passages (else after)
-  c.data.slot_after_passage = False  # prompt layout: identifier [Pi] after its passage (else before)
+  c.data.question_first = True  # prompt layout: <q> question before the passages (else after)
+  c.data.slot_after_passage = True  # prompt layout: identifier [Pi] after its passage (else before)
   c.data.vocab_size = 1000  # word vocabulary cap incl. special tokens (rest -> <unk>)
   c.data.min_word_frequency = 1  # words rarer than this in the training split -> <unk>
   c.data.skip_bad_lines = False  # real data: skip (and count) malformed examples instead of stopping
@@ -52,8 +57,8 @@ def get_config(arg=None):
   c.data.loader = "memory"  # memory | grain (prepared datasets only)
   c.data.num_entities = 120  # synthetic: entity names in the world
   c.data.num_relations = 8  # synthetic: relation words in the world
-  c.data.min_hops = 2  # synthetic: fewest hops (gold passages) per question
-  c.data.max_hops = 4  # synthetic: most hops per question
+  c.data.min_hops = 1  # synthetic: fewest hops (gold passages) per question
+  c.data.max_hops = 2  # synthetic: most hops per question
   c.data.num_train = 20000  # synthetic: training questions
   c.data.num_validation = 500  # synthetic: validation questions
   c.data.num_test = 1000  # synthetic: test questions
@@ -63,13 +68,30 @@ def get_config(arg=None):
   c.data.train_distractor_mix = ()  # synthetic: the training split's own weights (() = the same)
 
   # Task-specific settings; every other field is configs/recsys.py's.
-  c.rollout.update(slate_size=5, rank_size=3)  # k >= max_hops; m ranked passages
-  c.sft.update(steps=600, batch_size=32)
+  c.rollout.update(slate_size=3, rank_size=2)  # k >= max_hops; m ranked passages
+  # The SFT recipe the default task needs (docs/experiments.md, "Multi-hop QA learnability
+  # probes"): the recommendation rate 3e-3 keeps QA on its plateau, a per-slot relevance
+  # loss read at each identifier gives C labels per question, and a larger init lets
+  # attention leave uniform sooner.
+  c.sft.update(steps=6000, batch_size=32, lr=3e-4, slot_relevance_weight=1.0)
+  c.model.init_std = 0.088  # about 1 / sqrt(hidden)
   c.rl.update(steps=100, batch_prompts=8)
   c.eval.update(every=0, val_examples=200, batch_size=100)
   c.log_every = 25
   c.ckpt_every = 200
 
+  if variant in ("hard", "tiny", "hotpotqa", "musique", "2wiki"):
+    # The earlier default, kept as it was run (task and training), so its recorded
+    # numbers reproduce: C = 20, 2-4 hops, sentence passages after their identifiers,
+    # the question last, the recommendation SFT recipe. `tiny` is its small copy (the
+    # tests' task since before the default changed); the published datasets keep the
+    # layout and recipe they were set up with (the default's were found on the
+    # synthetic task only).
+    c.data.update(pool_size=20, question_len=10, passage_len=7, passage_syntax="sentence",
+                  question_first=False, slot_after_passage=False, min_hops=2, max_hops=4)
+    c.rollout.update(slate_size=5, rank_size=3)
+    c.sft.update(steps=600, lr=3e-3, slot_relevance_weight=0.0)
+    c.model.init_std = 0.02
   if variant == "tiny":
     c.data.update(num_entities=30, num_train=200, num_validation=32, num_test=64,
                   max_hops=3, question_len=8)
@@ -89,7 +111,7 @@ def get_config(arg=None):
     c.sft.update(steps=2000, batch_size=16)
     c.rl.update(steps=500, batch_prompts=8)
     c.eval.update(every=500, val_examples=500, batch_size=32)
-  elif variant != "default":
+  elif variant not in ("default", "hard"):
     raise ValueError(f"unknown variant {variant!r} of configs/multihop_qa.py "
-                     "(default, tiny, hotpotqa, musique, 2wiki)")
+                     "(default, hard, tiny, hotpotqa, musique, 2wiki)")
   return c

@@ -8,7 +8,8 @@
     python -m fgrpo_jax.main --config=configs/multihop_qa_llm.py:cpu \
         --config.model.hf_checkpoint=/models/Qwen2.5-0.5B-Instruct --workdir=runs/qa_llm_cpu
 
-Every field is configs/multihop_qa.py's (itself configs/recsys.py's outside `data`); the
+Every field is configs/multihop_qa.py's `hard` variant's (C = 20, 2-4 hops, sentence
+passages; itself configs/recsys.py's outside `data`); the
 backbone settings are shared with configs/recsys_llm.py. The question is the context and
 the 20 passages the candidates (" A" .. " T"); long passages are cut to fit
 `prompt.max_len`. Variants: `default` (TPU), `cpu`, `tiny` (the tests).
@@ -26,7 +27,7 @@ def _sibling(name):
 
 def get_config(arg=None):
   variant = arg or "default"
-  c = _sibling("multihop_qa").get_config("tiny" if variant == "tiny" else "default")
+  c = _sibling("multihop_qa").get_config("tiny" if variant == "tiny" else "hard")
   c.variant = variant  # which named variant built this config (informational)
   c.prompt.max_len = 2048  # prompt tokens: 20 passages are cut to fit
   if variant == "cpu":

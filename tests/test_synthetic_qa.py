@@ -27,7 +27,7 @@ def fact(passage):
 
 
 def _examples(n=300, seed=0, **kw):
-  s = synthetic_qa.settings_from_config(qa_config.get_config())
+  s = synthetic_qa.settings_from_config(qa_config.get_config("hard"))
   s.update(num_train=n, num_validation=1, num_test=1, **kw)
   return synthetic_qa.generate(s, seed)["train"]
 
@@ -86,7 +86,7 @@ def _shared_fraction(exs):
 def test_training_split_can_have_its_own_distractor_mix():
   """data.train_distractor_mix: random-only distractors in training (few share the
   chain's entities or relations by chance), the default mix in validation and test."""
-  s = synthetic_qa.settings_from_config(qa_config.get_config())
+  s = synthetic_qa.settings_from_config(qa_config.get_config("hard"))
   s.update(num_train=200, num_validation=200, num_test=1,
            train_distractor_mix=[0.0, 0.0, 0.0, 1.0])
   splits = synthetic_qa.generate(s, 0)
@@ -115,8 +115,28 @@ def test_bad_settings_are_user_errors():
     _examples(5, passage_len=3)
 
 
-def test_default_prompts_and_references(tmp_path):
+def test_default_task_is_small_multi_hop_with_room_on_both_phases(tmp_path):
+  """The default: 1-2 hops in pools of 5, question first, each identifier after its
+  triple; lexical overlap finds a supporting passage often but covers both hops less
+  often, so a learned slate and a learned ranking each have something to beat."""
   c = qa_config.get_config()
+  c.data.update(num_train=300, num_validation=50, num_test=400, cache_dir=str(tmp_path))
+  task = tasks.load_task(c, log=lambda s: None)
+  test = task.splits["test"]
+  assert task.pool_size == 5 and set(test["relevance"].sum(-1).astype(int)) == {1, 2}
+  tok = text_prompts.load_tokenizer(os.path.join(task.info["cache_dir"], "tokenizer"))
+  words = " ".join(tok.convert_ids_to_tokens(test["prompt"][0][test["prompt_mask"][0]].tolist()))
+  assert re.fullmatch(r"<bos> <q> [\w ]+ \? (\w+ \w+ \w+ \[P\d\] ){5}<slate>", words), words
+  oracle, refs = train.reference_metrics(task, test, c)
+  assert oracle["hit@1"] == oracle["slate_recall"] == 1.0
+  assert refs["random"]["hit@1"] < refs["bm25"]["hit@1"] < 0.75
+  assert refs["random"]["slate_recall"] < refs["bm25"]["slate_recall"] < 0.9
+  for ex in synthetic_qa.generate(synthetic_qa.settings_from_config(c), c.seed)["test"][:50]:
+    assert solve(ex) == {j for j, s in enumerate(ex.supporting) if s}
+
+
+def test_hard_prompts_and_references(tmp_path):
+  c = qa_config.get_config("hard")
   c.data.update(num_train=300, num_validation=50, num_test=400, cache_dir=str(tmp_path))
   logs = []
   task = tasks.load_task(c, log=logs.append)
