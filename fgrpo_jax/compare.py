@@ -9,7 +9,8 @@ run is an ordinary `fgrpo_jax.main` job in DIR/seed_<s>/<run>/, so it resumes if
 interrupted. Writes DIR/compare.json (per run, per metric: mean, std, per-seed
 values), DIR/compare.md (the table) and DIR/curves.png (per-phase rewards and
 validation Hit@1 against steps, shaded across seeds). A sweep (`compare.sweep_field`,
-the `ablate_*` variants) writes compare_<field>.{json,md} and curves_<field>.png instead,
+the `ablate_*` variants) writes compare_<field>.{json,md} and curves_<field>.png instead
+(compare_<field>_<algorithm>... when the swept algorithm is not fgrpo),
 so several ablations can share one DIR and so its warm starts (a run that changes a field
 of WARM_START_FIELDS, such as the slate size, trains a warm start of its own).
 """
@@ -97,17 +98,41 @@ def finished_run(config, workdir: str, log) -> dict | None:
   paths = [os.path.join(workdir, f) for f in ("eval.json", train.RUN_CONFIG, train.EVAL_EXAMPLES)]
   if not all(os.path.exists(p) for p in paths):
     return None
-  def settings(d):
-    return {k: v for k, v in d.items() if k not in NOT_RESULT_FIELDS}
-
   with open(paths[1]) as f:
-    if settings(json.load(f).get("config", {})) != settings(json.loads(json.dumps(
+    if _settings(json.load(f).get("config", {})) != _settings(json.loads(json.dumps(
         config.to_dict()))):
       return None
   with open(paths[0]) as f:
     result = json.load(f)
   log(f"[compare] {workdir}: finished with this config, reusing its eval.json")
   return result
+
+
+def _settings(config_dict: dict) -> dict:
+  return {k: v for k, v in config_dict.items() if k not in NOT_RESULT_FIELDS}
+
+
+def run_or_reuse(config, workdir: str, log) -> dict:
+  """The run's eval.json: reused if workdir finished with exactly this config, else the
+  run is trained, resuming an interrupted run of the same config. A workdir left by a
+  run of another config (an earlier rate, say) is moved aside to <workdir>.stale-<n>
+  first: resuming its checkpoints would report the old run under the new settings."""
+  from fgrpo_jax import train
+  result = finished_run(config, workdir, log)
+  if result is not None:
+    return result
+  run_config = os.path.join(workdir, train.RUN_CONFIG)
+  if os.path.exists(run_config):
+    with open(run_config) as f:
+      old = json.load(f).get("config", {})
+    if _settings(old) != _settings(json.loads(json.dumps(config.to_dict()))):
+      n = 0
+      while os.path.exists(f"{workdir}.stale-{n}"):
+        n += 1
+      os.rename(workdir, f"{workdir}.stale-{n}")
+      log(f"[compare] {workdir} holds a run of another config: moved to {workdir}.stale-{n}, "
+          "training afresh")
+  return train.run(config, workdir, log=log)
 
 
 def read_warm_start(path: str) -> dict:
@@ -366,9 +391,20 @@ def plot_curves(histories: dict[str, list[list[dict]]], path: str) -> None:
   plt.close(fig)
 
 
+def output_stem(config) -> str:
+  """compare, or for a sweep compare_<field> (compare_<field>_<algorithm> when the swept
+  algorithm is not fgrpo): several sweeps can share one workdir, and so its warm starts,
+  without overwriting each other's tables (a per-algorithm rl.lr sweep, say)."""
+  cmp = config.compare
+  if not cmp.sweep_field:
+    return "compare"
+  stem = f"compare_{cmp.sweep_field.split('.')[-1]}"
+  return stem if cmp.sweep_algorithm == "fgrpo" else f"{stem}_{cmp.sweep_algorithm}"
+
+
 def run_compare(config, workdir: str, log=print) -> dict:
   from fgrpo_jax import config as config_lib
-  from fgrpo_jax import logs, pointwise, train, workdir_lock
+  from fgrpo_jax import logs, pointwise, workdir_lock
   from fgrpo_jax.data import arrays as arrays_lib
   from fgrpo_jax.data import tasks as tasks_lib
   workdir_lock.prepare_workdir(workdir)
@@ -396,7 +432,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
       warm_cfg.rl.steps = 0
       warm_cfg.sft.init_from = base.sft.init_from  # not the warm start being trained
       log(f"== seed {seed}: {name}")
-      finished_run(warm_cfg, path, log) or train.run(warm_cfg, path, log=log)
+      run_or_reuse(warm_cfg, path, log)
 
     train_warm_start(base, warm, WARM)
     own_warm_starts_done = set()  # this seed's
@@ -417,7 +453,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
           examples.setdefault(warm_name, []).append(_load_examples(cfg.sft.init_from))
       run_dir = os.path.join(seed_dir, run_dirname(name))
       log(f"== seed {seed}: {name}")
-      result = finished_run(cfg, run_dir, log) or train.run(cfg, run_dir, log=log)
+      result = run_or_reuse(cfg, run_dir, log)
       history = read_history(run_dir)
       per_seed.setdefault(name, []).append({**result["metrics"], **final_validation(history),
                                             "wall_time_s": result["wall_time_s"]})
@@ -454,10 +490,8 @@ def run_compare(config, workdir: str, log=print) -> dict:
   result = {"config_variant": config.get("variant", ""), "seeds": config.compare.seeds,
             "runs": agg, "order": [n for n in order if n in agg], "paired": paired,
             "diagnostics": diagnostics, "wall_time_s": round(time.time() - t0, 1)}
-  # A sweep's outputs are named after its field, so several ablations can share one
-  # workdir (and so its warm starts) without overwriting each other's tables.
-  suffix = f"_{config.compare.sweep_field.split('.')[-1]}" if config.compare.sweep_field else ""
-  stem, curves = f"compare{suffix}", f"curves{suffix}.png"
+  stem = output_stem(config)
+  curves = stem.replace("compare", "curves", 1) + ".png"
   logs.write_json_atomic(os.path.join(workdir, f"{stem}.json"), result)
   table = markdown_table(agg, order, config.compare.seeds)
   val_table = markdown_table(agg, order, config.compare.seeds, keys=VAL_KEYS)

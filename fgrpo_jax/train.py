@@ -225,7 +225,8 @@ def run_stage(stage: str, *, params, task, cfg, layout, config, workdir, writer,
       saving = ckpt.due(done, force=(done == total))
       if saving or done % config.log_every == 0:  # never checkpoint a diverged state
         guards.check_finite_step(stage, done, metrics, ckpt, state.params if saving else None)
-      if config.eval.every and (done % config.eval.every == 0 or done == total):
+      # Always at the end of the stage: settings are chosen on validation.
+      if done == total or (config.eval.every and done % config.eval.every == 0):
         val_metrics = eval_lib.evaluate_model(steps_lib.policy_params(state.params, frozen), val,
                                               cfg=cfg, layout=layout,
                                               batch_size=config.eval.batch_size,

@@ -34,6 +34,14 @@ if os.environ.get("FGRPO_TEST_FULL_OPT", "") in ("", "0"):
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def subprocess_xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a child process: this session's flags (the fast-compile ones above)
+  with `devices` host CPU devices in place of any device count already set."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+
+
 
 import pytest  # noqa: E402
 

@@ -83,6 +83,25 @@ def test_finished_runs_are_reused_only_with_the_same_results_config(tmp_path):
   assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
 
 
+def test_a_run_of_another_config_is_moved_aside_not_resumed(tmp_path, monkeypatch):
+  """A run dir left by another rl.lr (its checkpoints would be resumed at their last step
+  and reported under the new rate) is renamed; one of the same config is resumed in place."""
+  trained = []
+  monkeypatch.setattr(train, "run", lambda cfg, d, log: trained.append(d) or {"metrics": {}})
+  c = _tiny()
+  run_dir = tmp_path / "fgrpo"
+  (run_dir / "ckpt").mkdir(parents=True)
+  stored = {"config": json.loads(json.dumps(c.to_dict()))}
+  (run_dir / train.RUN_CONFIG).write_text(json.dumps(stored))
+  compare.run_or_reuse(c, str(run_dir), lambda *_: None)  # same config, unfinished: resumed
+  assert (run_dir / "ckpt").is_dir() and not list(tmp_path.glob("fgrpo.stale-*"))
+  c.rl.lr *= 2
+  logs = []
+  compare.run_or_reuse(c, str(run_dir), logs.append)
+  assert (tmp_path / "fgrpo.stale-0" / "ckpt").is_dir() and not run_dir.exists()
+  assert "another config" in logs[0] and trained == [str(run_dir)] * 2
+
+
 def test_paired_runs_script_pairs_the_same_examples(tmp_path, load_script):
   script = load_script("paired_runs")
   rng = np.random.default_rng(0)
@@ -243,3 +262,16 @@ def test_stage_diagnostics_average_the_stage_after_the_warm_start():
   assert agg["fgrpo"]["entropy"]["mean"] == 3.0 and agg["fgrpo"]["entropy"]["values"] == [2.0, 4.0]
   assert abs(agg["fgrpo"]["reward_corr"]["mean"] - 0.3) < 1e-12
   assert "| fgrpo | 0.300 | 3.000 |" in table
+
+
+def test_sweeps_of_different_algorithms_write_different_tables():
+  """A per-algorithm rl.lr sweep in one workdir: each algorithm's table has its own
+  name (the fgrpo ablations keep compare_<field>)."""
+  c = _tiny()
+  assert compare.output_stem(c) == "compare"
+  c.compare.sweep_field, c.compare.sweep_values = "rl.lr", (1e-4, 3e-4)
+  stems = {}
+  for algorithm in ("fgrpo", "grpo", "sft"):
+    c.compare.sweep_algorithm = algorithm
+    stems[algorithm] = compare.output_stem(c)
+  assert stems == {"fgrpo": "compare_lr", "grpo": "compare_lr_grpo", "sft": "compare_lr_sft"}

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 
+import conftest
 import pytest
 
 from fgrpo_jax import distributed
@@ -54,11 +55,7 @@ def _launch(workdir, num_processes: int, devices: int, *overrides):
   """Starts num_processes trainers (one jax.distributed job when > 1); returns
   [(returncode, stdout, stderr, pid)] by process id. Kills them all on a timeout."""
   base = {k: v for k, v in os.environ.items() if k not in MULTI_ENV}
-  # The session's fast-compile flags (tests/conftest.py) and this launch's device count.
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  base.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
-      [*flags, f"--xla_force_host_platform_device_count={devices}"]))
+  base.update(JAX_PLATFORMS="cpu", XLA_FLAGS=conftest.subprocess_xla_flags(devices))
   port = _free_port()
   procs = []
   for i in range(num_processes):
@@ -154,8 +151,9 @@ def test_only_process_zero_writes(runs):
   assert "[test] fgrpo:" in out0 and "[done]" in out0
   assert "[rl]" in out0 and "[rl]" not in out1 and "[test]" not in out1, out1
   with open(os.path.join(runs["multi_dir"], "metrics.jsonl")) as f:
-    keys = [(r["stage"], r["step"]) for r in map(json.loads, f)]
-  assert keys == [("rl", 1)], keys  # once, not once per process
+    keys = [(r["stage"], r["step"], "val_hit@1" in r) for r in map(json.loads, f)]
+  # The step's metrics and the end-of-stage validation, once each, not once per process.
+  assert keys == [("rl", 1, False), ("rl", 1, True)], keys
   events = [name for _, _, files in os.walk(runs["multi_dir"]) for name in files
             if "tfevents" in name]
   # Event file names end with .<pid>.<n>.v2: all are process 0's.

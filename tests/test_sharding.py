@@ -277,9 +277,8 @@ def _optim_config():
 def _run_worker(tmp_path_factory, arch: str):
   out = tmp_path_factory.mktemp("sharding") / "results.json"
   env = dict(os.environ)
-  # The session's fast-compile flags (tests/conftest.py) and 8 devices.
-  env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""),
-                               "--xla_force_host_platform_device_count=8"]).strip()
+  import conftest  # here, not at the top: the worker runs this file before jax is set up
+  env["XLA_FLAGS"] = conftest.subprocess_xla_flags(8)  # the session's flags, 8 devices
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out), arch], cwd=REPO,

@@ -53,6 +53,18 @@ def test_eval_json_contract(tiny_run):
   assert {"random", "popularity"} <= set(result["references"])
 
 
+def test_every_stage_ends_with_a_validation(tiny_run):
+  """eval.every = 0 (the tiny config's) still validates once, at the end of each stage:
+  settings are chosen on validation, so a run without it could not be compared."""
+  workdir, _, _ = tiny_run
+  c = recsys.get_config("tiny")
+  assert c.eval.every == 0
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  val = [(r["stage"], r["step"]) for r in rows if "val_hit@1" in r]
+  assert val == [("sft", c.sft.steps), ("rl", c.rl.steps)], val
+
+
 def test_tiny_run_beats_popularity_and_random(tiny_run):
   _, result, _ = tiny_run
   hit1 = result["metrics"]["hit@1"]
