@@ -3,7 +3,8 @@ cd "$(dirname "$0")/.."  # run from the repository root
 # The 3-seed comparison on configs/multihop_qa.py's default (issue 14), seeds as parallel
 # processes, then one call that gathers them (every run reused) into compare.json / compare.md.
 #   bash scripts/compare_qa.sh                       # rl.lr per algorithm from scripts/sweep_qa_lr.sh
-#   LRS= WORKDIR=runs/qa_compare_lr3e-4 bash scripts/compare_qa.sh   # every algorithm at rl.lr 3e-4
+#   LRS=fgrpo=3e-4,grpo=3e-4,decoupled=3e-4,decoupled_sft=3e-4,sft=3e-4 \
+#     WORKDIR=runs/qa_compare_lr3e-4 bash scripts/compare_qa.sh   # every algorithm at 3e-4
 # The rates: the best validation hit@1 of each algorithm in scripts/sweep_qa_lr.sh (seed 0,
 # the same grid 1e-5 / 3e-5 / 1e-4 for every algorithm).
 PY=${PY:-.venv/bin/python}
