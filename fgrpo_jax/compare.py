@@ -109,7 +109,12 @@ def finished_run(config, workdir: str, log) -> dict | None:
 
 
 def _settings(config_dict: dict) -> dict:
-  return {k: v for k, v in config_dict.items() if k not in NOT_RESULT_FIELDS}
+  """The fields a run's results depend on. An SFT-only run (a warm start: rl.steps = 0)
+  reads no other RL field, so runs that differ only there (an rl.lr sweep) share it."""
+  out = {k: v for k, v in config_dict.items() if k not in NOT_RESULT_FIELDS}
+  if out.get("rl", {}).get("steps") == 0:
+    out["rl"] = {"steps": 0}
+  return out
 
 
 def run_or_reuse(config, workdir: str, log) -> dict:

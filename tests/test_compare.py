@@ -79,6 +79,13 @@ def test_finished_runs_are_reused_only_with_the_same_results_config(tmp_path):
   c.rl.lr *= 2  # a field that changes results: the run is redone
   assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
   c.rl.lr /= 2
+  # A warm start (no RL steps) is shared by runs that differ only in RL fields.
+  c.rl.steps = stored["rl"]["steps"] = 0
+  (tmp_path / train.RUN_CONFIG).write_text(json.dumps({"config": stored}))
+  c.rl.lr *= 2
+  assert compare.finished_run(c, str(tmp_path), lambda *_: None)["metrics"]["hit@1"] == 0.5
+  c.sft.lr *= 2  # but not by runs that change its own training
+  assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
   os.remove(tmp_path / train.EVAL_EXAMPLES)  # an unfinished run
   assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
 
