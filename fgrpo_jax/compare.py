@@ -96,12 +96,8 @@ def finished_run(config, workdir: str, log) -> dict | None:
   by one more call), else None: the run is (re)started."""
   from fgrpo_jax import train
   paths = [os.path.join(workdir, f) for f in ("eval.json", train.RUN_CONFIG, train.EVAL_EXAMPLES)]
-  if not all(os.path.exists(p) for p in paths):
+  if not all(os.path.exists(p) for p in paths) or _other_config(config, workdir):
     return None
-  with open(paths[1]) as f:
-    if _settings(json.load(f).get("config", {})) != _settings(json.loads(json.dumps(
-        config.to_dict()))):
-      return None
   with open(paths[0]) as f:
     result = json.load(f)
   log(f"[compare] {workdir}: finished with this config, reusing its eval.json")
@@ -117,6 +113,18 @@ def _settings(config_dict: dict) -> dict:
   return out
 
 
+def _other_config(config, workdir: str) -> bool:
+  """Whether workdir holds a run (its run_config.json) whose results settings differ
+  from config's (False when there is no run there yet)."""
+  from fgrpo_jax import train
+  path = os.path.join(workdir, train.RUN_CONFIG)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    stored = json.load(f).get("config", {})
+  return _settings(stored) != _settings(json.loads(json.dumps(config.to_dict())))
+
+
 def run_or_reuse(config, workdir: str, log) -> dict:
   """The run's eval.json: reused if workdir finished with exactly this config, else the
   run is trained, resuming an interrupted run of the same config. A workdir left by a
@@ -126,17 +134,13 @@ def run_or_reuse(config, workdir: str, log) -> dict:
   result = finished_run(config, workdir, log)
   if result is not None:
     return result
-  run_config = os.path.join(workdir, train.RUN_CONFIG)
-  if os.path.exists(run_config):
-    with open(run_config) as f:
-      old = json.load(f).get("config", {})
-    if _settings(old) != _settings(json.loads(json.dumps(config.to_dict()))):
-      n = 0
-      while os.path.exists(f"{workdir}.stale-{n}"):
-        n += 1
-      os.rename(workdir, f"{workdir}.stale-{n}")
-      log(f"[compare] {workdir} holds a run of another config: moved to {workdir}.stale-{n}, "
-          "training afresh")
+  if _other_config(config, workdir):
+    n = 0
+    while os.path.exists(f"{workdir}.stale-{n}"):
+      n += 1
+    os.rename(workdir, f"{workdir}.stale-{n}")
+    log(f"[compare] {workdir} holds a run of another config: moved to {workdir}.stale-{n}, "
+        "training afresh")
   return train.run(config, workdir, log=log)
 
 

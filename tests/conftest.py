@@ -42,7 +42,6 @@ def subprocess_xla_flags(devices: int) -> str:
   return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
 
 
-
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
