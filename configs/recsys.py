@@ -133,6 +133,7 @@ def get_config(arg=None):
   c.sft.slate_order = "random"  # gold slate order: random | relevant_first
   c.sft.prompt_lm_weight = 0.0  # + this x next-token NLL of the prompt itself (0 = off)
   c.sft.slot_relevance_weight = 0.0  # + this x per-slot relevance BCE at each identifier (0 = off)
+  c.sft.tied_targets = False  # a choice's target: the gold one (False) | any allowed one as relevant
   c.sft.init_from = ""  # workdir of an earlier run whose SFT params to reuse (skips SFT)
 
   c.rl = ml_collections.ConfigDict()

@@ -416,7 +416,7 @@ def choices_from_slate_ranking(slate, ranking, layout: Layout):
 
 
 def sequence_logprobs(params, batch, choices, *, cfg: llama.ModelConfig, layout: Layout,
-                      temperature: float = 1.0, with_prompt: bool = False):
+                      temperature: float = 1.0, with_prompt: bool = False, targets=None):
   """Teacher-forced constrained log-probs and entropies of given completions.
 
   choices int32 [B, G, T] (-1 at tags). Returns (logprobs f32 [B, G, T], entropy
@@ -426,11 +426,15 @@ def sequence_logprobs(params, batch, choices, *, cfg: llama.ModelConfig, layout:
   position: the tags too, since free decoding writes them.
   with_prompt (constrained layouts): also returns the candidate tokens' logits at
   every prompt position, f32 [B, P, C], from the same forward pass.
+  targets (constrained layouts): None, or bool [B, G, T, C], the slots that count as a
+  correct choice at each step; the log-prob of a step is then that of the event "an
+  allowed target slot is chosen" (log of their total probability) instead of the
+  given choice's own, e.g. for SFT when the gold order among tied items is arbitrary.
   """
   tokens = tokens_from_choices(choices, batch["cand_tokens"], layout)
   if not layout.constrained:
-    if with_prompt:
-      raise ValueError("with_prompt needs a constrained layout")
+    if with_prompt or targets is not None:
+      raise ValueError("with_prompt and targets need a constrained layout")
     logits = decoder(cfg).completion_logits(params, batch["prompt"], batch["prompt_mask"],
                                             tokens, cfg)
     return _full_vocab_logprobs(logits, tokens, temperature)
@@ -442,7 +446,10 @@ def sequence_logprobs(params, batch, choices, *, cfg: llama.ModelConfig, layout:
   is_choice = choices >= 0
   allowed = allowed_masks(choices, layout, batch["pool_mask"][:, None])
   logp = _constrained_logprobs(slot_logits, allowed, temperature)  # [B, G, T, C]
-  lp = jnp.take_along_axis(logp, jnp.maximum(choices, 0)[..., None], -1)[..., 0]
+  if targets is None:
+    lp = jnp.take_along_axis(logp, jnp.maximum(choices, 0)[..., None], -1)[..., 0]
+  else:
+    lp = jax.nn.logsumexp(jnp.where(targets & allowed, logp, _NEG_INF), axis=-1)
   probs = jnp.exp(logp)
   entropy = -jnp.sum(jnp.where(allowed, probs * logp, 0.0), axis=-1)
   out = jnp.where(is_choice, lp, 0.0), jnp.where(is_choice, entropy, 0.0)

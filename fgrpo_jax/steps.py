@@ -28,6 +28,7 @@ import optax
 from fgrpo_jax import objectives
 from fgrpo_jax import parse as parse_lib
 from fgrpo_jax import rewards as R
+from fgrpo_jax.errors import UserError
 from fgrpo_jax import rollout as rollout_lib
 from fgrpo_jax.data.arrays import model_inputs
 from fgrpo_jax.models import lora as lora_lib
@@ -149,6 +150,19 @@ def gold_choices(relevance, pool_mask, key, layout: rollout_lib.Layout,
   return rollout_lib.choices_from_slate_ranking(slate, ranking, layout)
 
 
+def tied_target_slots(choices, relevance):
+  """The candidates exchangeable with each gold choice: choices int32 [B, G, T] (-1 at
+  tags), relevance [B, C] -> bool [B, G, T, C], True where a slot is as relevant as
+  the step's gold choice (> 0); at other steps only the choice itself. Intersected with
+  the step's allowed slots (not yet written in this phase, in the slate when ranking)
+  by `rollout.sequence_logprobs`, so every True slot is a correct next choice."""
+  rel = relevance[:, None, None, :]  # [B, 1, 1, C]
+  gold = jnp.take_along_axis(relevance[:, None], jnp.maximum(choices, 0), -1)  # [B, G, T]
+  own = jax.nn.one_hot(choices, relevance.shape[-1], dtype=bool)  # -1 -> all False
+  tied = (rel == gold[..., None]) & (gold > 0)[..., None] & (choices >= 0)[..., None]
+  return tied | own
+
+
 def split_microbatches(tree, n: int):
   """Leaves [B, ...] -> [n, B/n, ...]; microbatch i holds rows i, i + n, i + 2n, ...
 
@@ -218,7 +232,7 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
                supervise="relevant", slate_order="random",
                phases=(R.PHASE_GEN, R.PHASE_RANK), grad_accum: int = 1, frozen=None,
                inner_steps: int = 1, prompt_lm_weight: float = 0.0,
-               slot_relevance_weight: float = 0.0):
+               slot_relevance_weight: float = 0.0, tied_targets: bool = False):
   """One teacher-forcing update on gold sequences (G = 1) -> (params, opt_state, metrics).
 
   batch: dict of [B, ...] arrays (data.arrays.BATCH_KEYS).
@@ -237,7 +251,14 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   slot_relevance_weight: > 0 adds that times a per-slot relevance loss read at each
   identifier's position in the prompt (`objectives.slot_relevance_loss`): C labels
   per example where the gold sequence has k + m pointers.
+  tied_targets: a choice's loss is -log of the total probability of every allowed
+  candidate as relevant as the gold one (`tied_target_slots`), not of the gold one
+  alone: the gold order among equally relevant items is a coin flip, and the
+  single-target loss would teach the model to split its mass between them.
   """
+  if tied_targets and not layout.constrained:
+    raise UserError("config.sft.tied_targets needs constrained decoding "
+                    "(config.rollout.constrained = True)")
   if not layout.constrained:
     phases = (*phases, R.PHASE_TAG)
   choices = gold_choices(batch["relevance"], batch["pool_mask"], key, layout,
@@ -268,7 +289,8 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   def loss_fn(params, rows):
     model = lora_lib.model_params(params, frozen)
     out = rollout_lib.sequence_logprobs(model, model_inputs(rows), rows["choices"], cfg=cfg,
-                                        layout=layout, with_prompt=shared)
+                                        layout=layout, with_prompt=shared,
+                                        targets=rows.get("targets"))
     lp = out[0]
     ids = rows["phase_ids"]
     loss = objectives.sft_loss(lp, ids, phases, counts["loss"])
@@ -293,6 +315,8 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
     return loss, aux
 
   data = {**model_inputs(batch), "choices": choices, "phase_ids": phase_ids, **slot_data}
+  if tied_targets:
+    data["targets"] = tied_target_slots(choices, batch["relevance"])
   with jax.named_scope("update"):
     params, opt_state, each = repeated_updates(
         lambda p: accumulated_value_and_grad(loss_fn, p, data, grad_accum), params, opt_state,
@@ -303,13 +327,13 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
 
 
 SFT_STATIC = ("cfg", "layout", "optimizer", "supervise", "slate_order", "grad_accum",
-              "inner_steps", "prompt_lm_weight", "slot_relevance_weight")
+              "inner_steps", "prompt_lm_weight", "slot_relevance_weight", "tied_targets")
 
 
 @functools.partial(jax.jit, static_argnames=SFT_STATIC, donate_argnums=0)
 def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise="relevant",
              slate_order="random", grad_accum=1, frozen=None, inner_steps=1,
-             prompt_lm_weight=0.0, slot_relevance_weight=0.0):
+             prompt_lm_weight=0.0, slot_relevance_weight=0.0, tied_targets=False):
   """SFT of the one policy that writes both phases (frozen: the LoRA base or None)."""
   params, opt_state, metrics = sft_update(state.params, state.opt_state, batch, key, cfg=cfg,
                                           layout=layout, optimizer=optimizer,
@@ -317,7 +341,8 @@ def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise
                                           grad_accum=grad_accum, frozen=frozen,
                                           inner_steps=inner_steps,
                                           prompt_lm_weight=prompt_lm_weight,
-                                          slot_relevance_weight=slot_relevance_weight)
+                                          slot_relevance_weight=slot_relevance_weight,
+                                          tied_targets=tied_targets)
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
@@ -325,7 +350,7 @@ def sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer, supervise
 def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
                        supervise="relevant", slate_order="random", grad_accum=1,
                        frozen=None, inner_steps=1, prompt_lm_weight=0.0,
-                       slot_relevance_weight=0.0):
+                       slot_relevance_weight=0.0, tied_targets=False):
   """SFT of a decoupled pair: the selector on gold slates, the ranker on gold rankings."""
   out_p, out_o, metrics = {}, {}, {}
   for role, phases, half in (("selector", (R.PHASE_GEN,), True),
@@ -334,7 +359,8 @@ def decoupled_sft_step(state: TrainState, batch, key, *, cfg, layout, optimizer,
         state.params[role], state.opt_state[role], _half(batch, half), key, cfg=cfg,
         layout=layout, optimizer=optimizer, supervise=supervise, slate_order=slate_order,
         phases=phases, grad_accum=grad_accum, frozen=frozen, inner_steps=inner_steps,
-        prompt_lm_weight=prompt_lm_weight, slot_relevance_weight=slot_relevance_weight)
+        prompt_lm_weight=prompt_lm_weight, slot_relevance_weight=slot_relevance_weight,
+        tied_targets=tied_targets)
     metrics.update({f"{role}_{k}": v for k, v in m.items()})
   metrics["loss"] = metrics["selector_loss"] + metrics["ranker_loss"]
   metrics["grad_norm"] = metrics["selector_grad_norm"] + metrics["ranker_grad_norm"]

@@ -100,6 +100,7 @@ def stage_step(stage: str, config, cfg, layout, optimizer):
                "slate_order": config.sft.slate_order, "grad_accum": config.optim.grad_accum,
                "prompt_lm_weight": float(config.sft.get("prompt_lm_weight", 0.0)),
                "slot_relevance_weight": float(config.sft.get("slot_relevance_weight", 0.0)),
+               "tied_targets": bool(config.sft.get("tied_targets", False)),
                "inner_steps": stage_sizes(stage, config).updates_per_step},
           False,
           ("loss", "nll_gen", "nll_rank", "grad_norm", "lr"))

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fgrpo_jax import compare  # noqa: E402
+from fgrpo_jax import cli, compare  # noqa: E402
 from fgrpo_jax import config as config_lib  # noqa: E402
 from fgrpo_jax import evaluate  # noqa: E402
 from fgrpo_jax import rollout  # noqa: E402
@@ -35,22 +35,25 @@ from fgrpo_jax.models import llama  # noqa: E402
 
 
 def sampled_rewards(params, arrays, *, cfg, layout, settings, group_size, batch_size, seed=0):
-  """Mean sampled (R_gen, R_rank) over the examples: group_size rollouts each."""
+  """Means over the examples' sampled rollouts (group_size each): (R_gen, R_rank, hit@1
+  of the sampled ranking's first item)."""
   n = arrays["prompt"].shape[0]
   sample = jax.jit(rollout.sample, static_argnames=("cfg", "layout", "group_size",
                                                     "temperature"))
-  gen, rank = [], []
+  gen, rank, hit = [], [], []
   for i, start in enumerate(range(0, n, batch_size)):
     idx = np.arange(start, start + batch_size) % n
     batch = arrays_lib.take_batch(arrays, idx, arrays_lib.MODEL_INPUTS)
     ro = sample(params, batch, jax.random.key(seed * 100_003 + i), cfg=cfg, layout=layout,
                 group_size=group_size, temperature=settings.temperature)
-    r_gen, r_rank, _ = steps_lib.rollout_rewards(ro, jnp.asarray(arrays["relevance"][idx]),
-                                                 settings, layout.rank_size)
+    relevance = jnp.asarray(arrays["relevance"][idx])
+    r_gen, r_rank, _ = steps_lib.rollout_rewards(ro, relevance, settings, layout.rank_size)
+    first = jnp.take_along_axis(relevance, ro.ranking[..., 0], axis=-1)  # [B, G]
     keep = min(batch_size, n - start)
     gen.append(np.asarray(r_gen)[:keep])
     rank.append(np.asarray(r_rank)[:keep])
-  return float(np.concatenate(gen).mean()), float(np.concatenate(rank).mean())
+    hit.append(np.asarray(first > 0)[:keep])
+  return tuple(float(np.concatenate(x).mean()) for x in (gen, rank, hit))
 
 
 def top1_profile(params, arrays, popularity, *, cfg, layout, batch_size):
@@ -93,8 +96,7 @@ def main(argv=None):
   p.add_argument("--examples", type=int, default=2000, help="validation examples")
   p.add_argument("--overrides", default="", help="dotted=value,... applied to the config")
   a = p.parse_args(argv)
-  from configs import recsys
-  config = recsys.get_config(a.config.partition(":")[2] or None)
+  config = cli.load_config_file(a.config)  # FILE[:variant], e.g. configs/multihop_qa.py
   for item in filter(None, a.overrides.split(",")):
     field, _, value = item.partition("=")
     compare._set_field(config, field, value)
@@ -115,13 +117,15 @@ def main(argv=None):
       print(f"{workdir}: no checkpoint")
       continue
     greedy = evaluate.evaluate_model(params, val, cfg=cfg, layout=layout, batch_size=250)
-    r_gen, r_rank = sampled_rewards(params, val, cfg=cfg, layout=layout, settings=settings,
+    r_gen, r_rank, hit = sampled_rewards(params, val, cfg=cfg, layout=layout, settings=settings,
                                     group_size=config.rollout.group_size, batch_size=250)
     profile = top1_profile(params, val, popularity, cfg=cfg, layout=layout, batch_size=250)
     print(json.dumps({"workdir": workdir, "stage": stage, "greedy_hit@1": greedy["hit@1"],
                       "greedy_ndcg@5": greedy["ndcg@5"],
+                      "greedy_slate_recall": greedy["slate_recall"],
                       "greedy_rank_drop_given_hit": greedy["rank_drop_given_hit"],
-                      "sampled_R_gen": r_gen, "sampled_R_rank": r_rank, **profile}))
+                      "sampled_R_gen": r_gen, "sampled_R_rank": r_rank, "sampled_hit@1": hit,
+                      **profile}))
 
 
 if __name__ == "__main__":

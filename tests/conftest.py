@@ -103,11 +103,11 @@ SLOW_MODULES = {"test_compare", "test_distributed", "test_llm_configs", "test_no
                 "test_recompile"}
 SLOW_TESTS = {
     "test_train": ("tiny_run", "sigkill", "bfloat16", "grad_accumulation", "bad_config",
-                   "prompt_lm", "slot_relevance"),
+                   "prompt_lm", "slot_relevance", "tied_targets"),
     "test_lora": ("lora_run", "train_step", "round_trips", "resume", "kl_reference",
                   "trains_and_writes", "qwen3_5_adapters"),
     "test_golden": ("trajectory", "logs_norms"),  # a tiny training run each
-    "test_synthetic_qa": ("one_training_step",),
+    "test_synthetic_qa": ("one_training_step", "policy_report"),
     "test_tasks": ("chat_run",),
     "test_data_recsys_real": ("grain_loader", "one_training_step", "from_main"),
     "test_pretrained": ("zero_shot",),

@@ -1,8 +1,15 @@
 """The embedded synthetic multi-hop QA task (fgrpo_jax/data/synthetic_qa.py,
 configs/multihop_qa.py)."""
 
+import contextlib
+import importlib.util
+import io
+import json
 import os
 import re
+import subprocess
+import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -224,3 +231,66 @@ def test_one_training_step(tmp_path):
   c.data.cache_dir = str(tmp_path)
   task = tasks.load_task(c, log=lambda s: None)
   one_training_step(task)
+
+
+def test_qa_by_hops_splits_per_example_metrics_by_gold_passages(tmp_path):
+  """scripts/qa_by_hops.py: per-hop means of a run's per-example test metrics, the hop
+  counts taken from the test split its run_config regenerates."""
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "qa_by_hops.py")
+  spec = importlib.util.spec_from_file_location("qa_by_hops_under_test", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = qa_config.get_config("tiny")
+  config.seed = 3
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "run_config.json").write_text(json.dumps({"config": config.to_dict()}))
+  n = config.data.num_test
+  rng = np.random.default_rng(0)
+  metrics = {m: rng.random(n).astype(np.float32) for m in mod.METRICS}
+  np.savez(run / "eval_examples.npz", **metrics)
+  hops = mod.hops_of(str(run))
+  expected = [sum(e.supporting) for e in synthetic_qa.generate(
+      synthetic_qa.settings_from_config(config), 3)["test"]]
+  assert hops.tolist() == expected and len(set(expected)) > 1
+  buf = io.StringIO()
+  with mock.patch.object(sys, "argv", ["qa_by_hops.py", str(run)]), \
+      contextlib.redirect_stdout(buf):
+    mod.main()
+  out = buf.getvalue().splitlines()[2:]
+  for line in out:
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    h = int(cells[1])
+    rows = hops == h
+    assert int(cells[2]) == rows.sum()
+    for m, cell in zip(mod.METRICS, cells[3:]):
+      assert abs(float(cell) - metrics[m][rows].mean()) < 6e-4
+  assert len(out) == len(set(expected))
+
+
+def test_policy_report_reads_a_qa_run_with_its_own_config(tmp_path):
+  """scripts/policy_report.py on a `configs/multihop_qa.py:tiny` run: the config comes
+  from --config (it used to be configs/recsys.py whatever --config said, so a QA
+  checkpoint did not match); its greedy validation hit@1 on the run's validation
+  subset is the training loop's last one, and the sampled numbers are shares."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / "run")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-m", "fgrpo_jax.main",
+                         "--config=configs/multihop_qa.py:tiny", f"--workdir={workdir}",
+                         "--config.tensorboard=False"], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  val_examples = qa_config.get_config("tiny").eval.val_examples
+  proc = subprocess.run([sys.executable, "scripts/policy_report.py",
+                         "--config=configs/multihop_qa.py:tiny", f"--workdirs={workdir}",
+                         f"--examples={val_examples}"], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    last_val = [r for r in map(json.loads, f) if "val_hit@1" in r][-1]
+  assert report["stage"] == "rl"
+  assert abs(report["greedy_hit@1"] - last_val["val_hit@1"]) < 1e-6
+  for key in ("sampled_R_gen", "sampled_R_rank", "sampled_hit@1", "greedy_slate_recall"):
+    assert 0.0 <= report[key] <= 1.0

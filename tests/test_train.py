@@ -19,6 +19,7 @@ from fgrpo_jax import objectives
 from fgrpo_jax import rollout
 from fgrpo_jax import steps as steps_lib
 from fgrpo_jax.data import arrays as arrays_lib
+from fgrpo_jax.errors import UserError
 from fgrpo_jax.models import llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -567,3 +568,61 @@ def test_zero_sizes_and_temperature_are_config_errors(field, value):
   (c[section] if section else c)[name] = value
   with pytest.raises(config_lib.ConfigError, match=f"^config.{field}="):
     config_lib.validate_config(c)
+
+
+def test_sft_tied_targets_scores_every_allowed_candidate_as_relevant_as_the_gold_one():
+  """sft.tied_targets: the loss at a supervised choice is -log of the total probability
+  of the allowed slots whose relevance equals the gold choice's. Reference: each slot's
+  probability at step t from the single-target log-probs with that slot written at t
+  (the prefix, hence the distribution, is unchanged), the allowed set rebuilt by hand
+  (pool members not yet in the slate; slate members not yet ranked), graded relevance
+  with ties (grades 1 and 2)."""
+  cfg, layout, batch, params = _tiny_problem()
+  rel = np.asarray(batch["relevance"]).copy()
+  rel[::2] *= 1.0 + (np.arange(rel.shape[1]) % 2)  # even rows: grades 1 and 2
+  batch = {**batch, "relevance": jnp.asarray(rel)}
+  key = jax.random.key(1)
+  _, m = _fast(steps_lib.sft_step, _state(params, SGD_SFT), batch, key, cfg=cfg,
+               layout=layout, optimizer=SGD_SFT, tied_targets=True)
+  _, plain = _fast(steps_lib.sft_step, _state(params, SGD_SFT), batch, key, cfg=cfg,
+                   layout=layout, optimizer=SGD_SFT)
+  choices = np.asarray(steps_lib.gold_choices(batch["relevance"], batch["pool_mask"], key,
+                                              layout))  # the step's own gold sequences
+  pool = np.asarray(batch["pool_mask"])
+  B, T = choices.shape
+  C = pool.shape[1]
+  kinds = np.asarray(layout.kinds)
+  steps = [t for t in range(T) if choices[0, t] >= 0]
+  alt = np.repeat(choices[:, None], len(steps) * C, axis=1)  # [B, steps * C, T]: one per (t, j)
+  for i, (t, j) in enumerate((t, j) for t in steps for j in range(C)):
+    alt[:, i, t] = j
+  lp = np.asarray(rollout.sequence_logprobs(params, batch, jnp.asarray(alt), cfg=cfg,
+                                            layout=layout)[0])
+  lp_at = np.zeros((B, T, C))  # log p_t(j)
+  for i, (t, j) in enumerate((t, j) for t in steps for j in range(C)):
+    lp_at[:, t, j] = lp[:, i, t]
+  total, ties = {"gen": [], "rank": []}, 0
+  for b in range(B):
+    slate, ranked = [], []
+    for t in range(T):
+      c = choices[b, t]
+      if c < 0:
+        continue
+      phase = "gen" if kinds[t] == rollout.CHOOSE_SLATE else "rank"
+      allowed = [j for j in range(C) if pool[b, j] and (
+          j not in slate if phase == "gen" else (j in slate and j not in ranked))]
+      if rel[b, c] > 0:
+        tied = [j for j in allowed if rel[b, j] == rel[b, c]]
+        assert c in tied
+        ties += len(tied) > 1
+        total[phase].append(-np.log(np.sum(np.exp(lp_at[b, t, tied]))))
+      (slate if phase == "gen" else ranked).append(c)
+  assert ties >= 5  # steps with more than one correct slot
+  np.testing.assert_allclose(float(m["nll_gen"]), np.mean(total["gen"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m["nll_rank"]), np.mean(total["rank"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m["loss"]), np.mean(total["gen"] + total["rank"]), rtol=1e-5)
+  assert float(m["loss"]) < float(plain["loss"]) - 1e-3  # the tie sets hold more than one slot
+  with pytest.raises(UserError, match="config.sft.tied_targets"):
+    free = rollout.with_budget(layout, constrained=False, max_new_tokens=layout.length + 2)
+    steps_lib.sft_step(_state(params, SGD_SFT), batch, key, cfg=cfg, layout=free,
+                       optimizer=SGD_SFT, tied_targets=True)
