@@ -401,3 +401,31 @@ def test_shellcheck_clean():
   proc = subprocess.run([binary, "--shell=bash", "--severity=style", *paths],
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compare_seeds_runs_each_seed_in_parallel_then_gathers(tmp_path):
+  """scripts/compare_seeds.sh (behind compare_qa.sh, compare_default.sh, ablate_qa.sh):
+  one compare call per seed with that seed alone, then one gathering call over all
+  seeds, each with the caller's arguments intact; shellcheck-clean."""
+  log = tmp_path / "calls"
+  fake = tmp_path / "py"
+  fake.write_text("#!/usr/bin/env bash\n{ printf '%s\\037' \"$@\"; printf '\\036'; } >> "
+                  f"{shlex.quote(str(log))}\n")
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  env = {**os.environ, "PY": str(fake), "SEEDS": "2"}
+  stem = str(tmp_path / "stem")
+  subprocess.run(["bash", "scripts/compare_seeds.sh", stem, "--workdir=w", NASTY],
+                 cwd=REPO, env=env, check=True, timeout=60)
+  calls = [c.split("\037")[:-1] for c in log.read_text().split("\036")[:-1]]
+  head = ["-m", "fgrpo_jax.compare", "--workdir=w", NASTY]
+  per_seed = sorted(c for c in calls[:2])
+  assert per_seed == [head + [f"--config.compare.first_seed={s}", "--config.compare.seeds=1"]
+                      for s in (0, 1)]
+  assert calls[2] == head + ["--config.compare.seeds=2"]
+  assert len(calls) == 3
+  assert os.path.exists(stem + ".seed0.log") and os.path.exists(stem + ".gather.log")
+  scripts = [os.path.join(REPO, "scripts", n) for n in
+             ("compare_seeds.sh", "compare_qa.sh", "compare_default.sh", "ablate_qa.sh")]
+  subprocess.run([shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable),
+                                                             "shellcheck"), *scripts],
+                 check=True, timeout=120)
