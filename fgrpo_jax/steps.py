@@ -132,7 +132,10 @@ def gold_choices(relevance, pool_mask, key, layout: rollout_lib.Layout,
   gold ranking is its top-m by relevance (relevant ones first). slate_order
   "random" shuffles the slate (its order carries no meaning, and the ranker must
   then find the relevant members instead of copying the first slate slots);
-  "relevant_first" writes the relevant ones first.
+  "relevant_first" writes the relevant ones first (most relevant first, ties in random
+  order), so the model learns to write the candidate it is surest of first and the
+  ranking can build on that order (the QA default: docs/experiments.md, "The order of
+  the gold slate").
   """
   k_fill, k_order = jax.random.split(key)
   noise = jax.random.uniform(k_fill, relevance.shape)
