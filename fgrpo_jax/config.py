@@ -127,6 +127,9 @@ def _validate_fields(config, pool_size: int | None):
       raise ConfigError(f"config.{field}={value} must be >= 1")
   if not config.rollout.temperature > 0:
     raise ConfigError(f"config.rollout.temperature={config.rollout.temperature} must be > 0")
+  if not r.constrained and config.sft.get("tied_targets", False):
+    raise ConfigError("config.sft.tied_targets needs constrained decoding "
+                      "(config.rollout.constrained = True): its targets are pool slots")
   if not r.constrained and config.algorithm in DECOUPLED:
     raise ConfigError(f"config.rollout.constrained=False: free decoding does not support "
                       f"config.algorithm={config.algorithm} (its ranker is given the slate)")

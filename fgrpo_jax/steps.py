@@ -28,7 +28,6 @@ import optax
 from fgrpo_jax import objectives
 from fgrpo_jax import parse as parse_lib
 from fgrpo_jax import rewards as R
-from fgrpo_jax.errors import UserError
 from fgrpo_jax import rollout as rollout_lib
 from fgrpo_jax.data.arrays import model_inputs
 from fgrpo_jax.models import lora as lora_lib
@@ -259,9 +258,6 @@ def sft_update(params, opt_state, batch, key, *, cfg, layout, optimizer,
   alone: the gold order among equally relevant items is a coin flip, and the
   single-target loss would teach the model to split its mass between them.
   """
-  if tied_targets and not layout.constrained:
-    raise UserError("config.sft.tied_targets needs constrained decoding "
-                    "(config.rollout.constrained = True)")
   if not layout.constrained:
     phases = (*phases, R.PHASE_TAG)
   choices = gold_choices(batch["relevance"], batch["pool_mask"], key, layout,

@@ -9,15 +9,14 @@ rank-drop share per hop count. Only for `data.name = synthetic_qa`.
 """
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fgrpo_jax import export, train  # noqa: E402
 from fgrpo_jax.data import synthetic_qa  # noqa: E402
 
 METRICS = ("hit@1", "slate_recall", "rank_drop")
@@ -25,8 +24,7 @@ METRICS = ("hit@1", "slate_recall", "rank_drop")
 
 def hops_of(workdir: str) -> np.ndarray:
   """int [N]: the gold passages of each test question of the run in `workdir`."""
-  with open(os.path.join(workdir, "run_config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f)["config"])
+  config, _ = export.read_run_config(workdir)
   if config.data.name != "synthetic_qa":
     raise SystemExit(f"{workdir}: data.name is {config.data.name!r}, not synthetic_qa")
   splits = synthetic_qa.generate(synthetic_qa.settings_from_config(config), int(config.seed))
@@ -40,7 +38,7 @@ def main():
   print("| run | hops | questions | " + " | ".join(METRICS) + " |")
   print("|---|---|---|" + "---|" * len(METRICS))
   for workdir in args.workdirs:
-    per_example = np.load(os.path.join(workdir, "eval_examples.npz"))
+    per_example = np.load(os.path.join(workdir, train.EVAL_EXAMPLES))
     hops = hops_of(workdir)
     n = per_example["hit@1"].shape[0]
     hops = hops[:n]  # eval.test_examples may cut the split

@@ -18,6 +18,7 @@ from configs import multihop_qa as qa_config
 from fgrpo_jax import train
 from fgrpo_jax.data import synthetic_qa, tasks, text_prompts
 from fgrpo_jax.errors import UserError
+import test_train
 from test_data_recsys_real import one_training_step
 
 FACT = re.compile(r"^the (\w+) of (\w+) is (\w+) \.$")
@@ -244,7 +245,7 @@ def test_qa_by_hops_splits_per_example_metrics_by_gold_passages(tmp_path):
   config.seed = 3
   run = tmp_path / "run"
   run.mkdir()
-  (run / "run_config.json").write_text(json.dumps({"config": config.to_dict()}))
+  (run / "run_config.json").write_text(json.dumps({"config": config.to_dict(), "vocab_size": 1}))
   n = config.data.num_test
   rng = np.random.default_rng(0)
   metrics = {m: rng.random(n).astype(np.float32) for m in mod.METRICS}
@@ -273,18 +274,15 @@ def test_policy_report_reads_a_qa_run_with_its_own_config(tmp_path):
   from --config (it used to be configs/recsys.py whatever --config said, so a QA
   checkpoint did not match); its greedy validation hit@1 on the run's validation
   subset is the training loop's last one, and the sampled numbers are shares."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = str(tmp_path / "run")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "fgrpo_jax.main",
-                         "--config=configs/multihop_qa.py:tiny", f"--workdir={workdir}",
-                         "--config.tensorboard=False"], cwd=repo, env=env,
-                        capture_output=True, text=True, timeout=600)
+  proc = test_train._main(workdir, "--config.tensorboard=False",
+                          config="configs/multihop_qa.py:tiny")
   assert proc.returncode == 0, proc.stderr[-3000:]
   val_examples = qa_config.get_config("tiny").eval.val_examples
   proc = subprocess.run([sys.executable, "scripts/policy_report.py",
                          "--config=configs/multihop_qa.py:tiny", f"--workdirs={workdir}",
-                         f"--examples={val_examples}"], cwd=repo, env=env,
+                         f"--examples={val_examples}"], cwd=test_train.REPO,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"},
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -622,7 +622,11 @@ def test_sft_tied_targets_scores_every_allowed_candidate_as_relevant_as_the_gold
   np.testing.assert_allclose(float(m["nll_rank"]), np.mean(total["rank"]), rtol=1e-5)
   np.testing.assert_allclose(float(m["loss"]), np.mean(total["gen"] + total["rank"]), rtol=1e-5)
   assert float(m["loss"]) < float(plain["loss"]) - 1e-3  # the tie sets hold more than one slot
+  c = recsys.get_config("tiny")
+  c.sft.tied_targets, c.rollout.constrained = True, False
   with pytest.raises(UserError, match="config.sft.tied_targets"):
-    free = rollout.with_budget(layout, constrained=False, max_new_tokens=layout.length + 2)
+    config_lib.validate_config(c)
+  free = rollout.with_budget(layout, constrained=False, max_new_tokens=layout.length + 2)
+  with pytest.raises(ValueError, match="targets need a constrained layout"):
     steps_lib.sft_step(_state(params, SGD_SFT), batch, key, cfg=cfg, layout=free,
                        optimizer=SGD_SFT, tied_targets=True)
