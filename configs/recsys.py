@@ -108,7 +108,7 @@ def get_config(arg=None):
   c.rollout.max_new_tokens = 0  # free decoding: token budget per rollout (0 = twice a well-formed one)
 
   c.reward = ml_collections.ConfigDict()
-  c.reward.coverage = "recall"  # R_gen: recall | f1
+  c.reward.coverage = "recall"  # R_gen: recall | f1 (order-invariant) | ndcg (slate order counts)
   c.reward.rank_metric = "ndcg"  # R_rank: ndcg | hit | mrr (over the first rank_k ranked)
   c.reward.rank_k = 0  # cut-off of R_rank (0 = all m ranked; 1 with hit: R_rank = hit@1)
   c.reward.gain = "exp"  # NDCG gain for graded relevance: exp (2^rel-1) | linear

@@ -30,7 +30,8 @@ RL_ALGORITHMS = ("fgrpo", "grpo", "decoupled")  # the stage after the warm start
 DECOUPLED = ("decoupled", "decoupled_sft")  # two policies: a selector and a ranker
 
 # Fields with a fixed set of values: field -> the values allowed.
-CHOICES = {"reward.coverage": ("recall", "f1"), "reward.rank_metric": ("ndcg", "hit", "mrr"),
+CHOICES = {"reward.coverage": ("recall", "f1", "ndcg"),
+           "reward.rank_metric": ("ndcg", "hit", "mrr"),
            "reward.gain": ("exp", "linear"), "reward.advantage": ("mean", "std", "rloo"),
            "rl.ratio": ("token", "phase"), "sft.supervise": ("relevant", "all"),
            "rl.loss_norm": ("phase", "joint"), "reward.rank_ideal": ("pool", "slate"),

@@ -96,6 +96,9 @@ PHASE_RANK = 2
 PHASE_TAG = 3
 
 _COVERAGE_MODES = ("recall", "f1")
+# R_gen modes of phase_rewards: the order-invariant coverage, or "ndcg", the slate scored
+# as a ranking of its k slots (an order-aware extension; the paper's R_gen is coverage).
+_SLATE_REWARDS = _COVERAGE_MODES + ("ndcg",)
 _GAINS = ("exp", "linear")
 _RANK_METRICS = ("ndcg", "hit", "mrr", "recall", "precision")
 _ADV_MODES = ("mean", "std", "rloo")
@@ -756,7 +759,12 @@ def phase_rewards(
 ) -> tuple[jax.Array, jax.Array]:
   """Per-phase rewards ``(r_gen, r_rank)`` of F-GRPO, each ``float32[...]``.
 
-  * ``r_gen = coverage(slate, relevance, mode=coverage_mode)``.
+  * ``r_gen = coverage(slate, relevance, mode=coverage_mode)``, or, with
+    ``coverage_mode="ndcg"``, ``ndcg(slate, relevance, gain=gain)``: NDCG@k of
+    the slate read as a ranking of its k slots (ideal over the whole pool), so
+    a slate that writes its relevant candidates first earns more. This is not
+    the paper's order-invariant R_gen: it lets the slate advantage see the order
+    that the ranking phase reads from the slate.
   * ``r_rank`` = ranking metric on ``ranking``: ``"ndcg"`` (NDCG@rank_k with
     ``gain``), ``"hit"`` (hit@rank_k), ``"mrr"`` (RR within rank_k),
     ``"recall"`` or ``"precision"`` (@rank_k). ``rank_k=None`` means
@@ -782,14 +790,22 @@ def phase_rewards(
   >>> phase_rewards(jnp.array([1, 0]), jnp.array([3, 1]), rel, rank_metric="mrr",
   ...               restrict_to_slate=True)[1].tolist()
   0.5
+  >>> round(phase_rewards(jnp.array([1, 3, 0]), jnp.array([3, 1]), rel,
+  ...                     coverage_mode="ndcg")[0].tolist(), 4)  # (1 + 3/log2 3) / (3 + 1/log2 3)
+  0.7967
   """
+  if coverage_mode not in _SLATE_REWARDS:
+    raise ValueError(f"coverage_mode must be one of {_SLATE_REWARDS}, got {coverage_mode!r}")
   if rank_metric not in _RANK_METRICS:
     raise ValueError(f"rank_metric must be one of {_RANK_METRICS}, got {rank_metric!r}")
   if rank_ideal not in _RANK_IDEALS:
     raise ValueError(f"rank_ideal must be one of {_RANK_IDEALS}, got {rank_ideal!r}")
   slate = _as_candidates(slate, "slate")
   ranking = _as_candidates(ranking, "ranking")
-  r_gen = coverage(slate, relevance, mode=coverage_mode)
+  if coverage_mode == "ndcg":
+    r_gen = ndcg(slate, relevance, gain=gain)
+  else:
+    r_gen = coverage(slate, relevance, mode=coverage_mode)
   if rank_ideal == "slate":
     relevance = slate_relevance(slate, relevance)
   if restrict_to_slate:

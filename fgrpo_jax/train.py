@@ -304,8 +304,9 @@ def show_examples(params, task, arrays, config, cfg, layout, n: int, log=print, 
   rows = -(-max(n, 1) // _eval_rows(mesh)) * _eval_rows(mesh)  # a multiple of the shards
   slate, ranking, _ = eval_lib.greedy_outputs(params, sub, cfg=cfg, layout=layout,
                                               batch_size=rows, mesh=mesh)
-  r_gen = np.asarray(R.coverage(slate, sub["relevance"], mode=config.reward.coverage))
-  r_rank = np.asarray(R.ndcg(ranking, sub["relevance"], gain=config.reward.gain))
+  r_gen, r_rank = (np.asarray(r) for r in R.phase_rewards(
+      slate, ranking, sub["relevance"], coverage_mode=config.reward.coverage,
+      gain=config.reward.gain))
   for i in range(n):
     log(f"--- example {i}")
     log(task.describe(sub, i, slate[i], ranking[i],

@@ -319,6 +319,22 @@ def test_phase_and_joint_rewards(C, k, m, restrict):
   )
 
 
+@pytest.mark.parametrize("C,k,m", SHAPES)
+@pytest.mark.parametrize("gain", ["exp", "linear"])
+def test_order_aware_slate_reward_is_the_slates_ndcg(C, k, m, gain):
+  """reward.coverage="ndcg": R_gen is the slate's NDCG@k (ideal over the pool), R_rank
+  unchanged; reversing a slate changes R_gen where the order of its relevant slots does."""
+  slate, ranking, rel = case(C, k, m)
+  r_gen, r_rank = R.phase_rewards(slate, ranking, rel, coverage_mode="ndcg", gain=gain)
+  check_rows(r_gen, [ref_ndcg(s, v, None, gain) for s, v in rows(slate, rel)])
+  check_rows(r_rank, [ref_ndcg(r, v, None, gain) for r, v in rows(ranking, rel)])
+  rev = R.phase_rewards(slate[:, ::-1], ranking, rel, coverage_mode="ndcg", gain=gain)[0]
+  check_rows(rev, [ref_ndcg(s[::-1], v, None, gain) for s, v in rows(slate, rel)])
+  assert np.any(np.abs(np.asarray(rev) - np.asarray(r_gen)) > 1e-3)
+  with pytest.raises(ValueError, match="coverage_mode"):
+    R.phase_rewards(slate, ranking, rel, coverage_mode="dcg")
+
+
 def _all_format_checks(slate, ranking, sizes, mask, C):
   variants = {
     "size": (C, None),
