@@ -131,6 +131,27 @@ def test_paired_runs_script_pairs_the_same_examples(tmp_path, load_script):
     script.main([f"--base=base={tmp_path / 'base'}", f"s={tmp_path / 'short'}"])
 
 
+def test_paired_runs_script_averages_seeds(tmp_path, load_script):
+  script = load_script("paired_runs")
+  rng = np.random.default_rng(1)
+  dirs, hits = {}, {}
+  for name in ("base", "a"):
+    for seed, n in enumerate((40, 60)):  # seeds may hold different numbers of examples
+      d = tmp_path / f"{name}_{seed}"
+      d.mkdir()
+      hits[name, seed] = (rng.random(n) < 0.5).astype(np.float32)
+      np.savez(d / train.EVAL_EXAMPLES, **{"hit@1": hits[name, seed],
+                                           "ndcg@5": rng.random(n).astype(np.float32)})
+      dirs.setdefault(name, []).append(str(d))
+  table = script.main([f"--base=base={','.join(dirs['base'])}", f"a={','.join(dirs['a'])}"])
+  row = next(line for line in table.splitlines() if "a − base" in line)
+  # the mean over seeds of each seed's mean difference, not the pooled mean
+  want = np.mean([np.mean(hits["a", s] - hits["base", s]) for s in (0, 1)])
+  assert f"{want:+.4f} [" in row
+  with pytest.raises(SystemExit, match="one per seed"):
+    script.main([f"--base=base={','.join(dirs['base'])}", f"a={dirs['a'][0]}"])
+
+
 def test_set_field_reads_text_as_the_field_type():
   c = recsys.get_config("tiny")
   compare._set_field(c, "compare.pointwise", "False")  # bool("False") would be True
