@@ -124,17 +124,17 @@ def test_bad_settings_are_user_errors():
 
 
 def test_default_task_is_small_multi_hop_with_room_on_both_phases(tmp_path):
-  """The default: 1-2 hops in pools of 5, question first, each identifier after its
+  """The default: 1-2 hops in pools of 6, question first, each identifier after its
   triple; lexical overlap finds a supporting passage often but covers both hops less
   often, so a learned slate and a learned ranking each have something to beat."""
   c = qa_config.get_config()
   c.data.update(num_train=300, num_validation=50, num_test=400, cache_dir=str(tmp_path))
   task = tasks.load_task(c, log=lambda s: None)
   test = task.splits["test"]
-  assert task.pool_size == 5 and set(test["relevance"].sum(-1).astype(int)) == {1, 2}
+  assert task.pool_size == 6 and set(test["relevance"].sum(-1).astype(int)) == {1, 2}
   tok = text_prompts.load_tokenizer(os.path.join(task.info["cache_dir"], "tokenizer"))
   words = " ".join(tok.convert_ids_to_tokens(test["prompt"][0][test["prompt_mask"][0]].tolist()))
-  assert re.fullmatch(r"<bos> <q> [\w ]+ \? (\w+ \w+ \w+ \[P\d\] ){5}<slate>", words), words
+  assert re.fullmatch(r"<bos> <q> [\w ]+ \? (\w+ \w+ \w+ \[P\d\] ){6}<slate>", words), words
   oracle, refs = train.reference_metrics(task, test, c)
   assert oracle["hit@1"] == oracle["slate_recall"] == 1.0
   assert refs["random"]["hit@1"] < refs["bm25"]["hit@1"] < 0.75
