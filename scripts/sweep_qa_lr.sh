@@ -2,8 +2,8 @@
 cd "$(dirname "$0")/.." || exit 1  # run from the repository root
 # rl.lr per algorithm on the QA default, seed 0, read on validation: every algorithm gets
 # the same grid, from the warm start of runs/qa_compare/seed_0 (shared, not retrained).
-# Extra compare arguments after the script's name are passed on (docs/experiments.md,
-# "The RL rate on the C = 6 default": --config.eval.val_examples=500). LRS sets the grid.
+# Extra compare arguments after the script's name are passed on; LRS sets the grid (the
+# first QA sweep, on C = 5: LRS="(1e-5,3e-5,1e-4)" --config.data.pool_size=5 ...).
 PY=${PY:-.venv/bin/python}
 LRS=${LRS:-(1e-5,3e-5,1e-4,3e-4)}
 WORKDIR=${WORKDIR:-runs/qa_compare}
