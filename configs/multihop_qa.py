@@ -84,9 +84,10 @@ def get_config(arg=None):
   # "The order of the gold slate").
   c.sft.slate_order = "relevant_first"
   c.model.init_std = 0.088  # about 1 / sqrt(hidden)
-  # RL rate: the best validation hit@1 of fgrpo's rl.lr sweep on this task (1e-5 of 1e-5,
-  # 3e-5, 1e-4; scripts/sweep_qa_lr.sh); the recommendation rate 3e-4 loses 0.09 hit@1 here.
-  c.rl.update(steps=100, batch_prompts=8, lr=1e-5)
+  # RL rate: fgrpo's choice in its rl.lr sweep on this default (validation hit@1 0.716 /
+  # 0.722 / 0.722 / 0.632 at 1e-5 / 3e-5 / 1e-4 / 3e-4, the tie to the smaller rate;
+  # scripts/sweep_qa_lr.sh, docs/experiments.md "The RL rate on the C = 6 default")
+  c.rl.update(steps=100, batch_prompts=8, lr=3e-5)
   # all 500 validation questions: at 200 the standard error of hit@1 (~0.03) was larger
   # than the differences settings are chosen by (docs/experiments.md, "The RL rate on the
   # C = 6 default")
