@@ -104,12 +104,20 @@ def finished_run(config, workdir: str, log) -> dict | None:
   return result
 
 
+# The reward fields an SFT-only run reads: the evaluation's NDCG gain. The others
+# (coverage, lam, advantage, ...) shape only the RL loss.
+WARM_START_REWARD_FIELDS = ("gain",)
+
+
 def _settings(config_dict: dict) -> dict:
   """The fields a run's results depend on. An SFT-only run (a warm start: rl.steps = 0)
-  reads no other RL field, so runs that differ only there (an rl.lr sweep) share it."""
+  reads no other RL field and no reward field but WARM_START_REWARD_FIELDS, so runs that
+  differ only there (an rl.lr sweep, a slate-reward ablation) share it."""
   out = {k: v for k, v in config_dict.items() if k not in NOT_RESULT_FIELDS}
   if out.get("rl", {}).get("steps") == 0:
     out["rl"] = {"steps": 0}
+    out["reward"] = {k: v for k, v in out.get("reward", {}).items()
+                     if k in WARM_START_REWARD_FIELDS}
   return out
 
 
@@ -233,7 +241,8 @@ def paired_difference(a, b, resamples: int = 2000, seed: int = 0) -> dict:
 
 # Fields the SFT warm start depends on. A run that changes one starts from a warm start of
 # its own (the slate-size ablation: SFT writes slates of the size RL samples).
-WARM_START_FIELDS = ("rollout.slate_size", "rollout.rank_size", "data.", "model.", "sft.")
+WARM_START_FIELDS = ("rollout.slate_size", "rollout.rank_size", "data.", "model.", "sft.",
+                     *(f"reward.{f}" for f in WARM_START_REWARD_FIELDS))
 
 
 def own_warm_start(config, fields: dict) -> dict:

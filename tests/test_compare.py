@@ -84,6 +84,18 @@ def test_finished_runs_are_reused_only_with_the_same_results_config(tmp_path):
   (tmp_path / train.RUN_CONFIG).write_text(json.dumps({"config": stored}))
   c.rl.lr *= 2
   assert compare.finished_run(c, str(tmp_path), lambda *_: None)["metrics"]["hit@1"] == 0.5
+  c.reward.coverage, c.reward.lam = "ndcg", 2.0  # nor do the RL stage's reward fields
+  assert compare.finished_run(c, str(tmp_path), lambda *_: None)["metrics"]["hit@1"] == 0.5
+  c.reward.gain = "linear" if c.reward.gain != "linear" else "exp"
+  assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None  # its eval's NDCG
+  c.reward.gain, c.reward.lam, c.rl.lr = (stored["reward"]["gain"], stored["reward"]["lam"],
+                                          stored["rl"]["lr"])
+  assert c.reward.coverage != stored["reward"]["coverage"]
+  c.rl.steps = stored["rl"]["steps"] = 3  # an RL run is redone when its slate reward changes
+  (tmp_path / train.RUN_CONFIG).write_text(json.dumps({"config": stored}))
+  assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
+  c.rl.steps = stored["rl"]["steps"] = 0
+  (tmp_path / train.RUN_CONFIG).write_text(json.dumps({"config": stored}))
   c.sft.lr *= 2  # but not by runs that change its own training
   assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
   os.remove(tmp_path / train.EVAL_EXAMPLES)  # an unfinished run
