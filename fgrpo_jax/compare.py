@@ -109,6 +109,23 @@ def finished_run(config, workdir: str, log) -> dict | None:
 WARM_START_REWARD_FIELDS = ("gain",)
 
 
+def reusable_run_dir(config, seed_dir: str, run_dir: str, log) -> str:
+  """Where config's run is (or is to be) in seed_dir: run_dir, unless run_dir holds no
+  finished run of config and another run directory of the seed does (a sweep's run at the
+  config's own value is the comparison's run of that algorithm, a comparison's run may be a
+  rate sweep's): then that one, so no identical run is trained twice."""
+  quiet = lambda *_: None  # noqa: E731
+  if finished_run(config, run_dir, quiet) is not None or not os.path.isdir(seed_dir):
+    return run_dir
+  for name in sorted(os.listdir(seed_dir)):
+    other = os.path.join(seed_dir, name)
+    if (other != run_dir and ".stale-" not in name and os.path.isdir(other)
+        and finished_run(config, other, quiet) is not None):
+      log(f"[compare] {run_dir}: the same run is finished in {other}, reusing it")
+      return other
+  return run_dir
+
+
 def _settings(config_dict: dict) -> dict:
   """The fields a run's results depend on. An SFT-only run (a warm start: rl.steps = 0)
   reads no other RL field and no reward field but WARM_START_REWARD_FIELDS, so runs that
@@ -469,7 +486,7 @@ def run_compare(config, workdir: str, log=print) -> dict:
           train_warm_start(cfg, cfg.sft.init_from, warm_name)
           per_seed.setdefault(warm_name, []).append(read_warm_start(cfg.sft.init_from))
           examples.setdefault(warm_name, []).append(_load_examples(cfg.sft.init_from))
-      run_dir = os.path.join(seed_dir, run_dirname(name))
+      run_dir = reusable_run_dir(cfg, seed_dir, os.path.join(seed_dir, run_dirname(name)), log)
       log(f"== seed {seed}: {name}")
       result = run_or_reuse(cfg, run_dir, log)
       history = read_history(run_dir)

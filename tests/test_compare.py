@@ -1,5 +1,6 @@
 """Tests for fgrpo_jax/compare.py and the baselines it runs (tiny, in-process)."""
 
+import copy
 import json
 import os
 
@@ -100,6 +101,42 @@ def test_finished_runs_are_reused_only_with_the_same_results_config(tmp_path):
   assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
   os.remove(tmp_path / train.EVAL_EXAMPLES)  # an unfinished run
   assert compare.finished_run(c, str(tmp_path), lambda *_: None) is None
+
+
+def _fake_finished_run(path, config, hit1):
+  path.mkdir(parents=True)
+  (path / train.RUN_CONFIG).write_text(json.dumps({"config": config.to_dict()}))
+  (path / "eval.json").write_text(json.dumps({"metrics": {"hit@1": hit1}}))
+  np.savez(path / train.EVAL_EXAMPLES, hit1=np.zeros(3))
+
+
+def test_an_identical_finished_run_of_the_seed_is_reused_from_its_directory(tmp_path):
+  c = _tiny()
+  seed_dir = tmp_path / "seed_0"
+  swept = copy.deepcopy(c)
+  swept.rl.lr = 3e-5
+  _fake_finished_run(seed_dir / "fgrpo_lr=3e-05", swept, 0.7)  # a rate sweep's run
+  _fake_finished_run(seed_dir / "fgrpo_lr=1e-05.stale-0", c, 0.1)  # moved aside: never used
+  logged = []
+  # The comparison's fgrpo at 3e-5 is that run; at the config's own rate nothing is finished.
+  assert compare.reusable_run_dir(swept, str(seed_dir), str(seed_dir / "fgrpo"),
+                                  logged.append) == str(seed_dir / "fgrpo_lr=3e-05")
+  assert len(logged) == 1
+  assert compare.reusable_run_dir(c, str(seed_dir), str(seed_dir / "fgrpo"),
+                                  logged.append) == str(seed_dir / "fgrpo")
+  # A run already finished in its own directory stays there.
+  _fake_finished_run(seed_dir / "fgrpo", swept, 0.7)
+  assert compare.reusable_run_dir(swept, str(seed_dir), str(seed_dir / "fgrpo"),
+                                  logged.append) == str(seed_dir / "fgrpo")
+  assert len(logged) == 1
+  # A warm start (no RL steps) is no RL run's twin.
+  warm = copy.deepcopy(swept)
+  warm.rl.steps = 0
+  _fake_finished_run(seed_dir / "warm_start", warm, 0.6)
+  other = copy.deepcopy(swept)
+  other.reward.lam = 2.0
+  assert compare.reusable_run_dir(other, str(seed_dir), str(seed_dir / "fgrpo_lam=2.0"),
+                                  logged.append) == str(seed_dir / "fgrpo_lam=2.0")
 
 
 def test_a_run_of_another_config_is_moved_aside_not_resumed(tmp_path, monkeypatch):
