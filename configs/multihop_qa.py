@@ -87,7 +87,7 @@ def get_config(arg=None):
   # passage, so with order-blind recall F-GRPO's slate advantage does not reward what decides
   # hit@1 (validation hit@1 0.766 against 0.746 with recall, 3 seeds; docs/experiments.md,
   # "reward.coverage on this default")
-  c.reward.coverage = "ndcg"
+  c.reward.coverage = "ndcg"  # R_gen: the slate's own NDCG@k (order-aware), not recall
   c.model.init_std = 0.088  # about 1 / sqrt(hidden)
   # RL rate: fgrpo's choice in its rl.lr sweep on this default (validation hit@1 0.716 /
   # 0.722 / 0.722 / 0.632 at 1e-5 / 3e-5 / 1e-4 / 3e-4, the tie to the smaller rate;
