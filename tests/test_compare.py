@@ -129,7 +129,7 @@ def test_an_identical_finished_run_of_the_seed_is_reused_from_its_directory(tmp_
   assert compare.reusable_run_dir(swept, str(seed_dir), str(seed_dir / "fgrpo"),
                                   logged.append) == str(seed_dir / "fgrpo")
   assert len(logged) == 1
-  # A warm start (no RL steps) is no RL run's twin.
+  # No run of another config (the warm start, the sweep's other runs) is taken for it.
   warm = copy.deepcopy(swept)
   warm.rl.steps = 0
   _fake_finished_run(seed_dir / "warm_start", warm, 0.6)
